@@ -1,0 +1,678 @@
+"""What two or more stages of rsclip-align share.
+
+Sections, in the order the data flows:
+  errors        UserError: one clear line and exit code 2 for bad input
+  data          class names, prompt templates, file lists, splits, readers, packed cache
+  transforms    the RGB composite and the per-modality device-side preprocessing
+  models        open_clip loading, the zero-shot head and its logits
+  run folders   atomic writes, run metadata, resumable training state, stop signals
+"""
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset
+
+# ============================================================================ errors
+
+
+class UserError(Exception):
+    """Bad input the user can fix: printed as one line (naming the file or flag and the fix), exit 2."""
+
+
+@contextlib.contextmanager
+def user_errors(debug=False):
+    """Turn a UserError into one line on stderr and exit code 2; with --debug, the traceback."""
+    try:
+        yield
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ============================================================================ data
+
+# Sentinel-2 L1C band order of the EuroSAT MS GeoTIFFs (B8A comes last).
+S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A")
+# Band order of the SSL4EO-S12 L1C pretraining data (B8A right after B08).
+SSL4EO_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+RGB_BANDS = ("B04", "B03", "B02")  # red, green, blue
+RGB_SCALE = 255.0 / 3558.0  # digital number -> 8-bit grey level of the EuroSAT RGB release
+REFLECTANCE_SCALE = 1.0 / 10000.0  # L1C digital number -> top-of-atmosphere reflectance
+
+# The CLIP paper's EuroSAT class names and templates, keyed by EuroSAT's folder names.
+EUROSAT_CLASSNAMES = {
+    "AnnualCrop": "annual crop land", "Forest": "forest",
+    "HerbaceousVegetation": "brushland or shrubland", "Highway": "highway or road",
+    "Industrial": "industrial buildings or commercial buildings", "Pasture": "pasture land",
+    "PermanentCrop": "permanent crop land", "Residential": "residential buildings or homes or apartments",
+    "River": "river", "SeaLake": "lake or sea",
+}
+EUROSAT_TEMPLATES = ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                     "a centered satellite photo of the {}.")
+# The CLIP paper's RESISC45 templates; its class names are the folder names with spaces.
+RESISC45_TEMPLATES = tuple(f"{view} of {article}{{}}." for article in ("", "a ", "the ")
+                           for view in ("satellite imagery", "aerial imagery", "satellite photo",
+                                        "aerial photo", "satellite view", "aerial view"))
+GENERIC_TEMPLATES = ("a satellite photo of {}.", "a satellite photo of a {}.", "a satellite photo of the {}.")
+
+DATASETS = ("eurosat", "eurosat_ms", "resisc45", "folder")
+DEFAULT_ROOTS = {"eurosat": "data/eurosat", "eurosat_ms": "data/EuroSAT_MS",
+                 "resisc45": "data/NWPU-RESISC45", "folder": None}
+SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}  # per class, see split_indices()
+RGB_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def folder_classname(folder):
+    """A prompt-ready name from a folder name: 'baseball_diamond' / 'SeaLake' -> 'baseball diamond' / 'sea lake'."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", folder).replace("_", " ").replace("-", " ").lower()
+
+
+@dataclass
+class Scenes:
+    """A list of labelled image files of one modality ('rgb' 8-bit images or 'ms' 13-band tifs)."""
+    dataset: str
+    root: str
+    modality: str
+    classes: list  # folder names, sorted
+    classnames: list  # names used in the prompts
+    templates: tuple
+    files: list = field(default_factory=list)  # paths relative to root
+    labels: np.ndarray = None
+    split: str = "all"
+    seed: int = None
+
+    def subset(self, indices, split):
+        return replace(self, files=[self.files[i] for i in indices], labels=self.labels[indices], split=split)
+
+
+def list_scenes(dataset, root=None, download=False):
+    """All labelled files of a dataset in its on-disk class-folder layout, sorted."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown --data '{dataset}'; choose one of {', '.join(DATASETS)}")
+    root = root or DEFAULT_ROOTS[dataset]
+    if root is None:
+        raise UserError(f"--data {dataset} needs --root DIR, a folder with one sub-folder of images per class")
+    folder = root
+    if dataset == "eurosat":
+        if download:
+            try:  # torchvision's downloader writes ROOT/eurosat/2750/<Class>/<Class>_<n>.jpg
+                torchvision.datasets.EuroSAT(root, download=True)
+            except Exception as e:
+                raise UserError(f"could not download EuroSAT into {root} ({type(e).__name__}: {e}); "
+                                f"fetch it elsewhere and pass --root DIR holding eurosat/2750/<Class>/*.jpg")
+        for candidate in (os.path.join(root, "eurosat", "2750"), os.path.join(root, "2750"), root):
+            if os.path.isdir(candidate):
+                folder = candidate
+                break
+    if not os.path.isdir(folder):
+        hint = " or pass --download" if dataset == "eurosat" else ""
+        raise UserError(f"data folder {folder} does not exist; pass --root DIR{hint}")
+    suffixes = (".tif", ".tiff") if dataset == "eurosat_ms" else RGB_SUFFIXES
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise UserError(f"{folder} has no class sub-folders; expected {folder}/<ClassName>/<image files>")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        names = sorted(f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(suffixes))
+        if not names:
+            raise UserError(f"class folder {os.path.join(folder, name)} holds no {'/'.join(suffixes)} files; "
+                            f"add its images or remove the folder")
+        files += [os.path.join(name, f) for f in names]
+        labels += [label] * len(names)
+    if dataset in ("eurosat", "eurosat_ms"):
+        unknown = [c for c in classes if c not in EUROSAT_CLASSNAMES]
+        if unknown:
+            raise UserError(f"{folder} has folders {unknown} that are not EuroSAT classes; use --data folder")
+        classnames, templates = [EUROSAT_CLASSNAMES[c] for c in classes], EUROSAT_TEMPLATES
+    elif dataset == "resisc45":
+        classnames, templates = [c.replace("_", " ") for c in classes], RESISC45_TEMPLATES
+    else:
+        classnames, templates = [folder_classname(c) for c in classes], GENERIC_TEMPLATES
+    modality = "ms" if dataset == "eurosat_ms" else "rgb"
+    return Scenes(dataset, folder, modality, classes, classnames, templates, files, np.array(labels, np.int64))
+
+
+def split_indices(scenes, seed):
+    """Deterministic stratified split: per class, the files sorted by name are shuffled with `seed`
+    and cut into train/val/test by SPLIT_FRACTIONS.
+
+    Only file names without their extension (the scene ids) and the seed enter, so EuroSAT's RGB
+    jpgs and its MS tifs get the same scenes in each split, in all three stages."""
+    stems = np.array([os.path.splitext(f)[0] for f in scenes.files])
+    rng = np.random.default_rng(seed)
+    out = {name: [] for name in SPLIT_FRACTIONS}
+    for label in range(len(scenes.classes)):
+        members = np.flatnonzero(scenes.labels == label)
+        members = members[np.argsort(stems[members], kind="stable")][rng.permutation(len(members))]
+        n_train = int(round(SPLIT_FRACTIONS["train"] * len(members)))
+        n_val = int(round(SPLIT_FRACTIONS["val"] * len(members)))
+        out["train"] += members[:n_train].tolist()
+        out["val"] += members[n_train:n_train + n_val].tolist()
+        out["test"] += members[n_train + n_val:].tolist()
+    return {name: np.sort(np.array(idx, np.int64)) for name, idx in out.items()}
+
+
+def load_split(dataset, root, split, seed, download=False):
+    """The scenes of one split ('train', 'val', 'test') of a dataset."""
+    scenes = list_scenes(dataset, root, download)
+    return replace(scenes.subset(split_indices(scenes, seed)[split], split), seed=seed)
+
+
+def read_image(path, modality):
+    """One file as a channels-last array: uint8 (H, W, 3) for 'rgb', uint16 (H, W, 13) for 'ms'.
+    Raises ValueError with the reason when the file cannot be used."""
+    if modality == "rgb":
+        try:
+            image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        except Exception as e:
+            raise ValueError(f"cannot decode image ({e})")
+        return image.permute(1, 2, 0).numpy()
+    try:
+        image = tifffile.imread(path)
+    except Exception as e:
+        raise ValueError(f"cannot read GeoTIFF ({type(e).__name__}: {e})")
+    if image.ndim == 3 and image.shape[0] == len(S2_BANDS) and image.shape[-1] != len(S2_BANDS):
+        image = image.transpose(1, 2, 0)  # bands-first tif
+    if image.ndim != 3 or image.shape[-1] != len(S2_BANDS):
+        raise ValueError(f"has shape {image.shape}, expected (H, W, {len(S2_BANDS)}) Sentinel-2 bands")
+    if image.dtype != np.uint16:
+        raise ValueError(f"has dtype {image.dtype}, expected uint16 L1C digital numbers")
+    return image
+
+
+class ImageFiles(Dataset):
+    """Reads whole batches of files; `dataset[list_of_indices]` returns a dict with the raw images
+    stacked channels-last (uint8 RGB or uint16 MS, no resizing or scaling: that happens on the
+    device), their labels and indices, and `bad`: (path, reason) of files that could not be used.
+
+    All images of a batch must share one size: files of another size than the first are bad,
+    except 8-bit RGB images, which are resized to it on the CPU (e.g. a few 256x247 tiles)."""
+
+    def __init__(self, scenes):
+        self.scenes = scenes
+        first = read_image(os.path.join(scenes.root, scenes.files[0]), scenes.modality)
+        self.shape, self.dtype = first.shape, first.dtype
+
+    def __len__(self):
+        return len(self.scenes.files)
+
+    def __getitem__(self, indices):
+        images, kept, bad = [], [], []
+        for i in indices:
+            path = os.path.join(self.scenes.root, self.scenes.files[i])
+            try:
+                image = read_image(path, self.scenes.modality)
+                if image.shape != self.shape:
+                    if self.scenes.modality == "ms":
+                        raise ValueError(f"has shape {image.shape}, the other tifs have {self.shape}")
+                    image = TF.resize(torch.from_numpy(image).permute(2, 0, 1), list(self.shape[:2]),
+                                      antialias=True).permute(1, 2, 0).numpy()
+            except ValueError as e:
+                bad.append((path, str(e)))
+                continue
+            images.append(image)
+            kept.append(i)
+        kept = np.array(kept, np.int64)
+        stacked = np.stack(images) if images else np.zeros((0, *self.shape), self.dtype)
+        return {"images": torch.from_numpy(stacked), "labels": torch.from_numpy(self.scenes.labels[kept]),
+                "index": torch.from_numpy(kept), "bad": bad}
+
+
+class PackedImages(Dataset):
+    """The same batches as ImageFiles, sliced from one memory-mapped .npy of a whole split."""
+
+    def __init__(self, folder, scenes):
+        self.scenes = scenes
+        self.images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
+        self.shape, self.dtype = self.images.shape[1:], self.images.dtype
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, indices):
+        indices = np.asarray(indices, np.int64)
+        order = np.argsort(indices)  # read the memory map in file order, return in batch order
+        images = np.empty((len(indices), *self.shape), self.dtype)
+        images[order] = self.images[indices[order]]
+        return {"images": torch.from_numpy(images), "labels": torch.from_numpy(self.scenes.labels[indices]),
+                "index": torch.from_numpy(indices), "bad": []}
+
+
+def sha256_of(obj_or_path, chunk=1 << 20):
+    """Hex SHA-256 of a file's bytes, or of a JSON-serialisable value."""
+    h = hashlib.sha256()
+    if isinstance(obj_or_path, str) and os.path.isfile(obj_or_path):
+        with open(obj_or_path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    else:
+        h.update(json.dumps(obj_or_path, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def scenes_key(scenes):
+    """What identifies a split's images: the data root, split, seed and file list."""
+    return {"root": os.path.abspath(scenes.root), "dataset": scenes.dataset, "split": scenes.split,
+            "seed": scenes.seed, "files_sha256": sha256_of(scenes.files)}
+
+
+def open_images(scenes, cache=None, workers=0):
+    """The dataset of a split: ImageFiles, or with `cache` a PackedImages that is written once
+    under cache/<key>/ (uint8/uint16 images.npy, labels.npy, files.json) and memory-mapped after.
+    The key hashes the data root, dataset, split, seed and file list, so a change rebuilds it."""
+    files = ImageFiles(scenes)
+    if not cache:
+        return files
+    folder = os.path.join(cache, "packed-" + sha256_of(scenes_key(scenes))[:16])
+    if not os.path.isfile(os.path.join(folder, "images.npy")):
+        print(f"packing {len(files)} {scenes.split} images into {folder}")
+        images = np.lib.format.open_memmap(make_dirs_tmp(folder, "images.npy"), "w+", files.dtype,
+                                           (len(files), *files.shape))
+        loader = batch_loader(files, 512, workers=workers)
+        for batch in loader:
+            check_bad_files(batch, skip_bad_files=False)  # a packed split must be complete
+            images[batch["index"].numpy()] = batch["images"].numpy()
+        images.flush()
+        del images
+        np.save(os.path.join(folder + ".tmp", "labels.npy"), scenes.labels)
+        write_json(os.path.join(folder + ".tmp", "files.json"), {**scenes_key(scenes), "files": scenes.files})
+        os.replace(folder + ".tmp", folder)
+    return PackedImages(folder, scenes)
+
+
+def make_dirs_tmp(folder, name):
+    """A fresh folder.tmp/ (removing a stale one) and the path of `name` inside it."""
+    import shutil
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    os.makedirs(folder + ".tmp")
+    return os.path.join(folder + ".tmp", name)
+
+
+def batch_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, start_batch=0, workers=0,
+                 drop_last=False, pin_memory=False):
+    """A DataLoader over whole batches of indices. With `shuffle`, the order of epoch e is a
+    permutation drawn from seed and e alone, so a resumed run sees the same batches from
+    `start_batch` on."""
+    n = len(dataset)
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    else:
+        order = list(range(n))
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches = batches[:-1]
+    return DataLoader(dataset, batch_size=None, sampler=batches[start_batch:], num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def check_bad_files(batch, skip_bad_files, counter=None):
+    """Stop at the first unusable file, naming it; with --skip-bad-files count and go on."""
+    for path, reason in batch["bad"]:
+        if not skip_bad_files:
+            raise UserError(f"{path} {reason}; replace or delete the file, or pass --skip-bad-files")
+        if counter is not None:
+            counter[path] = reason
+
+
+def default_workers():
+    """DataLoader worker processes: one per CPU core up to 8 (each reads ~2,500 EuroSAT tifs/s)."""
+    return min(8, os.cpu_count() or 1)
+
+
+# ============================================================================ transforms
+
+
+def rgb_composite(ms):
+    """The RGB composite of Sentinel-2 L1C digital numbers: bands B04, B03, B02 times 255/3558,
+    clipped to [0, 255] and truncated to whole grey levels (as the uint8 EuroSAT RGB release).
+    ms: (B, 13, H, W) float in S2_BANDS order -> (B, 3, H, W) float with values 0..255."""
+    rgb = ms[:, [S2_BANDS.index(b) for b in RGB_BANDS]]
+    return torch.floor(torch.clamp(rgb * RGB_SCALE, 0, 255))
+
+
+def resize_and_crop(x, size, interpolation):
+    """open_clip's 'shortest' resize mode on a batch: shorter side to `size`, then a centre crop."""
+    mode = TF.InterpolationMode(interpolation)
+    if x.shape[-2:] != (size, size):
+        x = TF.resize(x, size, interpolation=mode, antialias=True)
+        x = TF.center_crop(x, [size, size])
+    return x
+
+
+def random_flips(x, seed, step):
+    """Random horizontal and vertical flips (remote-sensing tiles have no upright), drawn from
+    (seed, step) alone so that a resumed run flips the same images."""
+    g = torch.Generator().manual_seed(seed * 1000003 + step)
+    flip_h, flip_v = (torch.rand(2, len(x), generator=g) < 0.5).to(x.device)[:, :, None, None, None]
+    x = torch.where(flip_h, x.flip(-1), x)
+    return torch.where(flip_v, x.flip(-2), x)
+
+
+def clip_input(raw, preprocess_cfg, device, flip_seed_step=None):
+    """CLIP's input from a raw batch, on the device: 8-bit RGB (B, H, W, 3) as is, or Sentinel-2
+    (B, H, W, 13) through rgb_composite(); then /255, open_clip's resize and centre crop,
+    optional random flips, and normalisation with the model's mean and std."""
+    x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    x = rgb_composite(x) if x.shape[1] == len(S2_BANDS) else x
+    x = resize_and_crop(x / 255.0, preprocess_cfg["size"][0], preprocess_cfg["interpolation"])
+    if flip_seed_step is not None:
+        x = random_flips(x, *flip_seed_step)
+    return TF.normalize(x, list(preprocess_cfg["mean"]), list(preprocess_cfg["std"]))
+
+
+def ms_input(raw, size, device, flip_seed_step=None):
+    """The student's input from a raw Sentinel-2 batch (B, H, W, 13) uint16, on the device:
+    top-of-atmosphere reflectance (digital number / 10000, clipped to [0, 1]), bicubic resize
+    to the student's input size, optional random flips."""
+    x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    x = torch.clamp(x * REFLECTANCE_SCALE, 0, 1)
+    x = resize_and_crop(x, size, "bicubic")
+    return x if flip_seed_step is None else random_flips(x, *flip_seed_step)
+
+
+# ============================================================================ models
+
+
+@torch.no_grad()
+def embed(encoder, loader, prepare, device, skip_bad_files=False, bad=None, desc="embed"):
+    """Run `encoder(prepare(raw_images))` over a loader in eval mode; returns float32 CPU
+    embeddings, labels and dataset indices, in loader order."""
+    from tqdm import tqdm
+    features, labels, index = [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False):
+        check_bad_files(batch, skip_bad_files, bad)
+        if len(batch["index"]) == 0:
+            continue
+        with autocast(device):
+            features.append(encoder(prepare(batch["images"])).float().cpu())
+        labels.append(batch["labels"])
+        index.append(batch["index"])
+    return torch.cat(features), torch.cat(labels), torch.cat(index)
+
+
+def pick_device(name=None):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_clip(model_name, pretrained, device="cpu", force_quick_gelu=None):
+    """An open_clip CLIP, its preprocessing settings and tokenizer.
+
+    `pretrained`: an open_clip tag ('openai', 'laion2b_s34b_b79k', ...), a local checkpoint
+    path, or 'none' for random weights. A tag whose weights were trained with QuickGELU
+    (OpenAI's) builds the model with QuickGELU, as open_clip's '-quickgelu' configs do."""
+    import open_clip
+    if model_name not in open_clip.list_models():
+        raise UserError(f"--model {model_name} is not an open_clip model; see open_clip.list_models()")
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained != "none" else {}
+    if force_quick_gelu is None:
+        force_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    if pretrained != "none" and not tag_cfg and not os.path.isfile(pretrained):
+        raise UserError(f"--pretrained {pretrained} is neither a file nor an open_clip tag of {model_name}; "
+                        f"tags: {open_clip.list_pretrained_tags_by_model(model_name)}")
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(
+            model_name, pretrained=None if pretrained == "none" else pretrained,
+            force_quick_gelu=force_quick_gelu, device=device)
+    except RuntimeError as e:
+        if tag_cfg:
+            raise UserError(f"could not fetch the '{pretrained}' weights of {model_name} (offline?); download "
+                            f"them where you can and pass the file with --pretrained PATH")
+        raise UserError(f"--pretrained {pretrained} does not fit {model_name} ({str(e).splitlines()[0][:200]}); "
+                        f"pass the --model it was saved from")
+    except Exception as e:
+        raise UserError(f"--pretrained {pretrained} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); pass a CLIP state dict saved with torch.save")
+    return model, dict(model.visual.preprocess_cfg), open_clip.get_tokenizer(model_name), force_quick_gelu
+
+
+@torch.no_grad()
+def zeroshot_head(model, tokenizer, classnames, templates, device):
+    """The zero-shot head W (embed_dim, classes): for each class c,
+        w_c = normalise( mean_t normalise( text_encoder(template_t(c)) ) ),
+    computed with open_clip's build_zero_shot_classifier (Radford et al. 2021, Sec. 3.1.4)."""
+    from open_clip import build_zero_shot_classifier
+    model.eval()
+    return build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates),
+                                      num_classes_per_batch=10, device=device).float()
+
+
+def zeroshot_logits(features, head, logit_scale):
+    """Class logits of image embeddings: exp(logit_scale) * normalise(f) @ W."""
+    return logit_scale.exp() * F.normalize(features.float(), dim=-1) @ head
+
+
+class Student(torch.nn.Module):
+    """The Sentinel-2 encoder: a timm backbone with a len(S2_BANDS)-band patch embedding,
+    pooled features, then a linear projection to CLIP's embedding size."""
+
+    def __init__(self, arch, embed_dim, in_chans=len(S2_BANDS)):
+        super().__init__()
+        import timm
+        self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0)
+        self.proj = torch.nn.Linear(self.backbone.num_features, embed_dim)
+
+    def forward(self, x):
+        return self.proj(self.backbone(x))
+
+
+def student_record(student, args_student, input_size, teacher_meta, teacher_path):
+    """Everything stage 3 needs to rebuild a student and find its teacher (weights_only-safe)."""
+    return {"kind": "rsclip-align/student", "arch": args_student, "bands": list(S2_BANDS),
+            "in_chans": len(S2_BANDS), "input_size": input_size, "embed_dim": student.proj.out_features,
+            "normalisation": {"reflectance_scale": REFLECTANCE_SCALE, "clip": [0.0, 1.0]},
+            "teacher": {"path": os.path.abspath(teacher_path), "model": teacher_meta["model"],
+                        "weights_sha256": teacher_meta["weights_sha256"]},
+            "classes": teacher_meta["classes"], "split_seed": teacher_meta["split_seed"],
+            "state_dict": student.state_dict()}
+
+
+def load_student(path):
+    """A student saved by stage 2, rebuilt, in eval mode; returns (student, record)."""
+    record = load_torch(path, "student checkpoint", "pass a student.pt written by 02_align_s2.py")
+    if not isinstance(record, dict) or record.get("kind") != "rsclip-align/student":
+        raise UserError(f"{path} is not a student checkpoint of 02_align_s2.py; pass its OUT/student.pt")
+    student = Student(record["arch"], record["embed_dim"], record["in_chans"])
+    student.load_state_dict(record["state_dict"])
+    return student.eval(), record
+
+
+def load_teacher(path, device):
+    """A patched CLIP of stage 1 with its metadata (OUT/patched.json beside OUT/patched.pt)."""
+    meta_path = os.path.splitext(path)[0] + ".json"
+    if not os.path.isfile(path):
+        raise UserError(f"teacher checkpoint {path} does not exist; pass --teacher OUT/patched.pt of 01_patch_clip.py")
+    try:
+        meta = json.load(open(meta_path))
+        assert meta["kind"] == "rsclip-align/patched-clip"
+    except Exception:
+        raise UserError(f"{path} is not a stage-1 output ({meta_path} is missing or not its metadata); "
+                        f"pass --teacher OUT/patched.pt written by 01_patch_clip.py")
+    if sha256_of(path) != meta["weights_sha256"]:
+        raise UserError(f"{path} differs from the weights recorded in {meta_path}; re-run 01_patch_clip.py")
+    model, _, tokenizer, _ = load_clip(meta["model"], path, device, meta["force_quick_gelu"])
+    return model.eval(), meta, tokenizer
+
+
+def check_classes(meta_classes, scenes, ckpt):
+    if list(meta_classes) != list(scenes.classes):
+        raise UserError(f"{ckpt} was made for classes {list(meta_classes)}, but {scenes.root} has "
+                        f"{scenes.classes}; pass the data set the checkpoint was trained on")
+
+
+# ============================================================================ run folders
+
+
+def write_atomic(path, write):
+    """Write a file whole or not at all: `write(tmp_path)`, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+    write_atomic(path, write)
+
+
+def save_torch(path, obj):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def append_jsonl(path, row):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+
+
+def load_torch(path, what, fix):
+    """torch.load(weights_only=True) with one clear line when the file is missing or broken."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{what} {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"it may be truncated; {fix}")
+
+
+def prepare_run_dir(out, finished_file, overwrite=False, resume=False):
+    """Create the run folder; refuse to overwrite a finished run, and check it is writable."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        write_atomic(os.path.join(out, ".write-test"), lambda tmp: open(tmp, "w").close())
+        os.remove(os.path.join(out, ".write-test"))
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder {out} ({e.strerror}); pass a writable --out DIR")
+    if os.path.exists(os.path.join(out, finished_file)) and not (overwrite or resume):
+        raise UserError(f"{out} already holds a finished run ({finished_file}); pass --overwrite or another --out")
+    if resume and not os.path.isfile(os.path.join(out, "last.pt")):
+        raise UserError(f"nothing to resume: {out}/last.pt does not exist; drop --resume to start afresh")
+
+
+def describe_run(args, device):
+    """Print and return the sorted arguments, versions, device and git revision (DINO-style)."""
+    import open_clip
+    import timm
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except Exception:
+        git = ""
+    info = {"args": dict(sorted(vars(args).items())), "device": str(device), "git": git or "unknown",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
+                         "timm": timm.__version__, "numpy": np.__version__}}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    for k, v in info["args"].items():
+        print(f"  {k}: {v}")
+    print(f"device {info['device']}  git {info['git']}  " + "  ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    return info
+
+
+def save_training_state(out, step, epoch, batch_in_epoch, **states):
+    """The resumable state of a run (weights, optimizer, scheduler, position in the data, RNG)
+    as out/last.pt, written atomically so that a crash never leaves a broken one."""
+    save_torch(os.path.join(out, "last.pt"), {
+        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "torch_rng": torch.get_rng_state(), **{k: v.state_dict() for k, v in states.items()}})
+
+
+def load_training_state(out, **states):
+    """Restore what save_training_state() wrote; returns (step, epoch, batch_in_epoch)."""
+    ckpt = load_torch(os.path.join(out, "last.pt"), "resume checkpoint", "drop --resume to start afresh")
+    try:
+        for k, v in states.items():
+            v.load_state_dict(ckpt[k])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"{out}/last.pt does not match this run ({type(e).__name__}: {str(e)[:160]}); "
+                        f"resume with the flags it was started with, or drop --resume")
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+
+
+def check_resume_args(out, args, keys):
+    """A resumed run must keep the settings that shape its results."""
+    saved = json.load(open(os.path.join(out, "args.json")))["args"]
+    changed = [k for k in keys if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise UserError(f"--resume with other settings than {out}/args.json: "
+                        + ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)}" for k in changed))
+
+
+def cosine_schedule(optimizer, total_steps, warmup_steps):
+    """Linear warm-up from lr/warmup to lr over `warmup_steps`, then cosine decay to 0 (torch's schedulers)."""
+    sched = torch.optim.lr_scheduler
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    if warmup_steps == 0:
+        return cosine
+    warmup = sched.LinearLR(optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps)
+    return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM during training sets `requested`; the loop then saves and exits."""
+
+    def __init__(self):
+        self.requested = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def exit_interrupted(signame, step, out):
+    """After a stop signal: the checkpoint is saved; say how to go on, exit code 130."""
+    command = " ".join(shlex.quote(a) for a in sys.argv if a not in ("--resume", "--overwrite"))
+    print(f"\n{signame} at step {step}: saved {out}/last.pt; resume with:\n  python {command} --resume",
+          file=sys.stderr)
+    raise SystemExit(130)
+
+
+def check_finite(loss, step, out):
+    if not torch.isfinite(loss):
+        kept = f"the last good checkpoint {out}/last.pt is kept" if os.path.exists(
+            os.path.join(out, "last.pt")) else "no checkpoint was written yet"
+        raise UserError(f"loss became {loss.item()} at step {step}; {kept}; lower --lr or check the data")
