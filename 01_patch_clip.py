@@ -151,6 +151,7 @@ def run(args):
             loader = C.batch_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
                                     start_batch=start_batch, workers=args.workers, pin_memory=device.type == "cuda")
             losses = []
+            this_epoch = epoch
             bar = tqdm(loader, desc=f"epoch {epoch}", initial=start_batch, total=batches_per_epoch)
             for batch_in_epoch, batch in enumerate(bar, start=start_batch + 1):
                 C.check_bad_files(batch, args.skip_bad_files, bad)
@@ -172,16 +173,16 @@ def run(args):
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if step % args.save_every == 0 or stop.requested:
-                    C.save_training_state(args.out, step, epoch, batch_in_epoch, **state)
+                    C.save_training_state(args.out, step, epoch, batch_in_epoch, batches_per_epoch, **state)
                 if stop.requested:
                     C.exit_interrupted(stop.requested, step, args.out)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end
                 epoch, start_batch = epoch + 1, 0
-            C.save_training_state(args.out, step, epoch, start_batch if step < total_steps else 0, **state)
+            C.save_training_state(args.out, step, epoch, 0, batches_per_epoch, **state)
             C.append_jsonl(os.path.join(args.out, "log.jsonl"), {
-                "epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+                "epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0],
                 "train_loss": sum(losses) / max(1, len(losses))})
     theta_finetuned = copy.deepcopy(model.visual.state_dict())
     C.save_torch(os.path.join(args.out, "finetuned.pt"), theta_finetuned)

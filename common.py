@@ -468,27 +468,30 @@ def zeroshot_logits(features, head, logit_scale):
 
 
 class Student(torch.nn.Module):
-    """The Sentinel-2 encoder: a timm backbone with a len(S2_BANDS)-band patch embedding,
+    """The Sentinel-2 encoder: a timm backbone with a len(S2_BANDS)-band patch embedding, its
     pooled features, then a linear projection to CLIP's embedding size."""
 
-    def __init__(self, arch, embed_dim, in_chans=len(S2_BANDS)):
+    def __init__(self, arch, embed_dim, input_size=None, in_chans=len(S2_BANDS)):
         super().__init__()
         import timm
-        self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0)
+        default_size = timm.get_pretrained_cfg(arch).input_size[-1]
+        self.input_size = input_size or default_size
+        size = {"img_size": self.input_size} if self.input_size != default_size else {}  # ViTs only
+        self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0, **size)
         self.proj = torch.nn.Linear(self.backbone.num_features, embed_dim)
 
     def forward(self, x):
         return self.proj(self.backbone(x))
 
 
-def student_record(student, args_student, input_size, teacher_meta, teacher_path):
+def student_record(student, arch, teacher_meta, teacher_path, dataset):
     """Everything stage 3 needs to rebuild a student and find its teacher (weights_only-safe)."""
-    return {"kind": "rsclip-align/student", "arch": args_student, "bands": list(S2_BANDS),
-            "in_chans": len(S2_BANDS), "input_size": input_size, "embed_dim": student.proj.out_features,
+    return {"kind": "rsclip-align/student", "arch": arch, "bands": list(S2_BANDS),
+            "in_chans": len(S2_BANDS), "input_size": student.input_size, "embed_dim": student.proj.out_features,
             "normalisation": {"reflectance_scale": REFLECTANCE_SCALE, "clip": [0.0, 1.0]},
             "teacher": {"path": os.path.abspath(teacher_path), "model": teacher_meta["model"],
                         "weights_sha256": teacher_meta["weights_sha256"]},
-            "classes": teacher_meta["classes"], "split_seed": teacher_meta["split_seed"],
+            "dataset": dataset, "classes": teacher_meta["classes"], "split_seed": teacher_meta["split_seed"],
             "state_dict": student.state_dict()}
 
 
@@ -497,7 +500,7 @@ def load_student(path):
     record = load_torch(path, "student checkpoint", "pass a student.pt written by 02_align_s2.py")
     if not isinstance(record, dict) or record.get("kind") != "rsclip-align/student":
         raise UserError(f"{path} is not a student checkpoint of 02_align_s2.py; pass its OUT/student.pt")
-    student = Student(record["arch"], record["embed_dim"], record["in_chans"])
+    student = Student(record["arch"], record["embed_dim"], record["input_size"], record["in_chans"])
     student.load_state_dict(record["state_dict"])
     return student.eval(), record
 
@@ -553,6 +556,11 @@ def save_torch(path, obj):
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def append_jsonl(path, row):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
@@ -582,6 +590,8 @@ def prepare_run_dir(out, finished_file, overwrite=False, resume=False):
         raise UserError(f"{out} already holds a finished run ({finished_file}); pass --overwrite or another --out")
     if resume and not os.path.isfile(os.path.join(out, "last.pt")):
         raise UserError(f"nothing to resume: {out}/last.pt does not exist; drop --resume to start afresh")
+    if not resume and os.path.exists(os.path.join(out, "log.jsonl")):
+        os.remove(os.path.join(out, "log.jsonl"))  # a fresh run starts a fresh log
 
 
 def describe_run(args, device):
@@ -605,9 +615,11 @@ def describe_run(args, device):
     return info
 
 
-def save_training_state(out, step, epoch, batch_in_epoch, **states):
+def save_training_state(out, step, epoch, batch_in_epoch, batches_per_epoch, **states):
     """The resumable state of a run (weights, optimizer, scheduler, position in the data, RNG)
     as out/last.pt, written atomically so that a crash never leaves a broken one."""
+    if batch_in_epoch >= batches_per_epoch:  # at an epoch's end: resume at the next one
+        epoch, batch_in_epoch = epoch + 1, 0
     save_torch(os.path.join(out, "last.pt"), {
         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
         "torch_rng": torch.get_rng_state(), **{k: v.state_dict() for k, v in states.items()}})

@@ -1,0 +1,278 @@
+"""Stage 2: align a 13-band Sentinel-2 encoder to the patched CLIP (Zavras et al. 2024, Sec. 3.2).
+
+    python 02_align_s2.py --teacher runs/patch/patched.pt --data eurosat_ms            # the paper's setting
+    python 02_align_s2.py --teacher runs/patch/patched.pt --student-weights \\
+        B13_vits16_dino_0099_ckpt.pth                                                 # SSL4EO-S12 init
+    python 02_align_s2.py --teacher runs/smoke/patch/patched.pt --data eurosat_ms \\
+        --root ../shared/data/eurosat_ms_sample --input-size 64 --epochs 1 --out runs/smoke/align  # CPU smoke run
+
+The teacher, the image tower of stage 1's patched CLIP, frozen, sees the RGB composite of each
+tif (B04, B03, B02 x 255/3558) through CLIP's preprocessing; the student, a ViT-S/16 with a
+13-band patch embedding and a linear projection, sees all 13 bands as reflectance. Loss:
+    L = MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y)           (alignment_loss)
+with s, t the student's and teacher's embeddings of the same scene, W the frozen zero-shot head
+and lambda = --ce-weight; BCE-with-logits for multi-label targets. No text is needed and CLIP is
+not changed. The teacher sees no augmentation, so its embeddings are computed once per split and
+cached (teacher_embeddings).
+Writes OUT/args.json, log.jsonl, metrics.json, student_init.pt (the student before training,
+for stage 3's modality gap "before") and student.pt (weights, architecture, input size,
+normalisation, embedding size and the teacher's path and weights hash).
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common as C
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="runs/patch/patched.pt", help="stage 1's patched.pt (default: runs/patch/patched.pt)")
+    p.add_argument("--data", default="eurosat_ms", choices=["eurosat_ms"], help="13-band data set (default: eurosat_ms)")
+    p.add_argument("--root", default=None, help="its folder (default: data/EuroSAT_MS, see README)")
+    p.add_argument("--student", default="vit_small_patch16_224", help="timm architecture (default: vit_small_patch16_224)")
+    p.add_argument("--input-size", type=int, default=None, help="student input side in pixels (default: the timm model's, 224)")
+    p.add_argument("--student-weights", default=None, help="SSL4EO-S12-style backbone checkpoint (default: random init)")
+    p.add_argument("--student-weights-bands", default="ssl4eo", choices=("ssl4eo", "eurosat"),
+                   help="band order of that checkpoint's patch embedding: SSL4EO-S12's (B8A after B08) or "
+                        "EuroSAT's (B8A last) (default: ssl4eo)")
+    p.add_argument("--ce-weight", type=float, default=0.05, help="lambda, weight of the text-head loss (default: 0.05)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: no limit)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per step (default: 256)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default: 1e-4)")
+    p.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps, capped at a tenth of the run (default: 200)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the student's init and the data order (default: 0)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--workers", type=int, default=C.default_workers(),
+                   help=f"data loader processes (default: {C.default_workers()}, one per core up to 8)")
+    p.add_argument("--cache", default=None, help="folder for packed splits and teacher embeddings (default: none; "
+                   "teacher embeddings then go to --out)")
+    p.add_argument("--out", default="runs/align", help="run folder (default: runs/align)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: 500)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable tifs, count them")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return p.parse_args(argv)
+
+
+def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weight):
+    """The paper's objective, L = MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y).
+
+    s, t: (B, D) student and teacher embeddings (unnormalised, as CLIP's image tower outputs);
+    W: the frozen zero-shot head; labels: (B,) class ids, or (B, C) 0/1 targets for multi-label
+    data, which use binary cross-entropy with logits. Returns (L, MSE, CE)."""
+    mse = F.mse_loss(student_emb.float(), teacher_emb.float())
+    logits = C.zeroshot_logits(student_emb, head, logit_scale)
+    if labels.ndim == 2:
+        ce = F.binary_cross_entropy_with_logits(logits, labels.float())
+    else:
+        ce = F.cross_entropy(logits, labels)
+    return mse + ce_weight * ce, mse, ce
+
+
+def load_backbone_weights(student, path, bands):
+    """Load an SSL4EO-S12-style checkpoint into the student's backbone: a state dict, or one under
+    'model' / 'state_dict' / 'teacher', with prefixes such as 'module.' or 'backbone.' stripped.
+    The patch embedding's input channels are reordered from `bands` to S2_BANDS, and a position
+    embedding of another grid size is resampled. Stops when a shape disagrees or when fewer than
+    90% of the backbone's tensors would load."""
+    ckpt = C.load_torch(path, "student weights", "pass an SSL4EO-S12-style checkpoint with --student-weights")
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    target = student.backbone.state_dict()
+    loaded, unexpected = {}, []
+    for key, value in ckpt.items():
+        name = key
+        while name not in target and "." in name:  # strip 'module.', 'backbone.', 'base_encoder.', ...
+            name = name.split(".", 1)[1]
+        if name in target:
+            loaded[name] = value
+        else:
+            unexpected.append(key)
+    proj = "patch_embed.proj.weight"
+    if proj in loaded and bands == "ssl4eo" and loaded[proj].shape[1] == len(C.S2_BANDS):
+        loaded[proj] = loaded[proj][:, [C.SSL4EO_BANDS.index(b) for b in C.S2_BANDS]]
+    if "pos_embed" in loaded and loaded["pos_embed"].shape != target["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+        grid = student.backbone.patch_embed.grid_size
+        loaded["pos_embed"] = resample_abs_pos_embed(loaded["pos_embed"], list(grid),
+                                                     num_prefix_tokens=student.backbone.num_prefix_tokens)
+        print(f"resampled the position embedding to a {grid[0]}x{grid[1]} grid")
+    for name, value in loaded.items():
+        if value.shape != target[name].shape:
+            raise C.UserError(f"--student-weights {path}: {name} has shape {tuple(value.shape)}, the {len(C.S2_BANDS)}-band "
+                              f"{student.backbone.__class__.__name__} needs {tuple(target[name].shape)}; pass a {len(C.S2_BANDS)}-band checkpoint of this "
+                              f"architecture (--student)")
+    missing = [k for k in target if k not in loaded]
+    print(f"loaded {len(loaded)}/{len(target)} backbone tensors from {path}")
+    print(f"  missing: {missing or 'none'}\n  unexpected: {unexpected or 'none'}")
+    if len(loaded) < 0.9 * len(target):
+        raise C.UserError(f"--student-weights {path} holds only {len(loaded)} of the {len(target)} tensors of the "
+                          f"backbone; pass a checkpoint of the architecture named by --student")
+    student.backbone.load_state_dict(loaded, strict=False)
+
+
+@torch.no_grad()
+def teacher_embeddings(teacher, meta, dataset, scenes, args, device, bad):
+    """The teacher's embedding of the RGB composite of every image of a split, in dataset order,
+    computed once and cached in a file keyed on the teacher's weights, the data, split and
+    preprocessing (the teacher is frozen and sees no augmentation). Rows of skipped files are NaN."""
+    key = {"teacher_sha256": meta["weights_sha256"], "scenes": C.scenes_key(scenes),
+           "preprocess_cfg": meta["preprocess_cfg"]}
+    path = os.path.join(args.cache or args.out, f"teacher-{C.sha256_of(key)[:16]}.pt")
+    if os.path.isfile(path):
+        cached = C.load_torch(path, "teacher cache", f"delete {path}")
+        if cached.get("key") == C.sha256_of(key):
+            return cached["embeddings"]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    loader = C.batch_loader(dataset, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
+    features, _, index = C.embed(teacher.encode_image, loader, lambda raw: C.clip_input(raw, meta["preprocess_cfg"], device),
+                                 device, args.skip_bad_files, bad, desc=f"teacher {scenes.split}")
+    embeddings = torch.full((len(dataset), features.shape[1]), float("nan"))
+    embeddings[index] = features
+    C.save_torch(path, {"key": C.sha256_of(key), "embeddings": embeddings})
+    return embeddings
+
+
+@torch.no_grad()
+def validate(student, dataset, teacher_emb, head, logit_scale, args, device, bad):
+    """Validation MSE to the teacher and zero-shot accuracy of the student through the text head."""
+    student.eval()
+    loader = C.batch_loader(dataset, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
+    features, labels, index = C.embed(student, loader, lambda raw: C.ms_input(raw, student.input_size, device),
+                                      device, args.skip_bad_files, bad, desc="val")
+    mse = F.mse_loss(features, teacher_emb[index]).item()
+    accuracy = (C.zeroshot_logits(features, head.cpu(), logit_scale.cpu()).argmax(1) == labels).float().mean().item()
+    return mse, accuracy
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with C.user_errors(args.debug):
+        return run(args)
+
+
+def run(args):
+    # ------------------------------------------------------------------ setup
+    device = C.pick_device(args.device)
+    C.prepare_run_dir(args.out, "student.pt", args.overwrite, args.resume)
+    if args.resume:
+        C.check_resume_args(args.out, args, ["teacher", "data", "student", "input_size", "student_weights", "ce_weight",
+                                             "batch_size", "lr", "wd", "epochs", "max_steps", "warmup", "seed"])
+    torch.manual_seed(args.seed)
+    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
+    bad = {}  # path -> reason, for --skip-bad-files
+
+    # ------------------------------------------------------------------ teacher and its text head
+    teacher, meta, tokenizer = C.load_teacher(args.teacher, device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    head = C.zeroshot_head(teacher, tokenizer, meta["classnames"], meta["templates"], device)
+    logit_scale = teacher.logit_scale.detach()
+
+    # ------------------------------------------------------------------ data (the teacher's split)
+    train = C.load_split(args.data, args.root, "train", meta["split_seed"])
+    val = C.load_split(args.data, train.root, "val", meta["split_seed"])
+    C.check_classes(meta["classes"], train, f"--teacher {args.teacher}")
+    train_ds = C.open_images(train, args.cache, args.workers)
+    val_ds = C.open_images(val, args.cache, args.workers)
+    print(f"{args.data}: {len(train_ds)} train / {len(val_ds)} val tifs of {len(train.classes)} classes from "
+          f"{train.root} (split seed {meta['split_seed']}, from the teacher)")
+
+    # ------------------------------------------------------------------ student and the teacher's targets
+    embed_dim = teacher.visual.output_dim  # CLIP's joint embedding size
+    student = C.Student(args.student, embed_dim, args.input_size)
+    if args.student_weights:
+        load_backbone_weights(student, args.student_weights, args.student_weights_bands)
+    student.to(device)
+    record = lambda: C.student_record(student, args.student, meta, args.teacher, args.data)  # noqa: E731
+    if not args.resume:
+        C.save_torch(os.path.join(args.out, "student_init.pt"), record())
+    print(f"student {args.student}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
+          f"{student.input_size}px input, projection to {embed_dim}-d")
+    train_targets = teacher_embeddings(teacher, meta, train_ds, train, args, device, bad)
+    val_targets = teacher_embeddings(teacher, meta, val_ds, val, args, device, bad)
+
+    # ------------------------------------------------------------------ training
+    batches_per_epoch = -(-len(train_ds) // args.batch_size)
+    total_steps = args.epochs * batches_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    warmup_steps = min(args.warmup, total_steps // 10)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.wd)
+    scheduler = C.cosine_schedule(optimizer, total_steps, warmup_steps)
+    state = dict(student=student, optimizer=optimizer, scheduler=scheduler)
+    step, epoch, start_batch = 0, 0, 0
+    if args.resume:
+        step, epoch, start_batch = C.load_training_state(args.out, **state)
+        print(f"resumed {args.out}/last.pt at step {step} (epoch {epoch}, batch {start_batch})")
+    print(f"training {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")
+    with C.StopSignal() as stop:
+        while step < total_steps:
+            student.train()
+            loader = C.batch_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
+                                    start_batch=start_batch, workers=args.workers, pin_memory=device.type == "cuda")
+            sums = {"loss": 0.0, "mse": 0.0, "ce": 0.0, "batches": 0}
+            this_epoch = epoch
+            bar = tqdm(loader, desc=f"epoch {epoch}", initial=start_batch, total=batches_per_epoch)
+            for batch_in_epoch, batch in enumerate(bar, start=start_batch + 1):
+                C.check_bad_files(batch, args.skip_bad_files, bad)
+                if len(batch["index"]) == 0:
+                    continue
+                images = C.ms_input(batch["images"], student.input_size, device)
+                targets = train_targets[batch["index"]].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True)
+                with C.autocast(device):
+                    loss, mse, ce = alignment_loss(student(images), targets, head, logit_scale, labels, args.ce_weight)
+                C.check_finite(loss, step, args.out)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                for name, value in (("loss", loss), ("mse", mse), ("ce", ce)):
+                    sums[name] += value.item()
+                sums["batches"] += 1
+                bar.set_postfix(mse=f"{mse.item():.4f}", ce=f"{ce.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if step % args.save_every == 0 or stop.requested:
+                    C.save_training_state(args.out, step, epoch, batch_in_epoch, batches_per_epoch, **state)
+                if stop.requested:
+                    C.exit_interrupted(stop.requested, step, args.out)
+                if step >= total_steps:
+                    break
+            else:  # the epoch ran to its end
+                epoch, start_batch = epoch + 1, 0
+            C.save_training_state(args.out, step, epoch, 0, batches_per_epoch, **state)
+            val_mse, val_acc = validate(student, val_ds, val_targets, head, logit_scale, args, device, bad)
+            n = max(1, sums["batches"])
+            row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
+                   "train_mse": sums["mse"] / n, "train_ce": sums["ce"] / n, "val_mse": val_mse, "val_acc": val_acc}
+            C.append_jsonl(os.path.join(args.out, "log.jsonl"), row)
+            print(f"epoch {this_epoch}: train mse {row['train_mse']:.4f} ce {row['train_ce']:.4f} | "
+                  f"val mse {val_mse:.4f} zero-shot acc {val_acc:.4f}")
+
+    # ------------------------------------------------------------------ save
+    C.save_torch(os.path.join(args.out, "student.pt"), record())
+    C.write_json(os.path.join(args.out, "metrics.json"), {
+        "epochs": C.read_jsonl(os.path.join(args.out, "log.jsonl")), "steps": step, "teacher": args.teacher,
+        "teacher_sha256": meta["weights_sha256"], "skipped_files": bad})
+    if os.path.exists(os.path.join(args.out, "last.pt")):
+        os.remove(os.path.join(args.out, "last.pt"))  # the run is finished; student.pt keeps its weights
+    if bad:
+        print(f"skipped {len(bad)} unreadable files (listed in metrics.json)")
+    print(f"wrote {args.out}/student.pt")
+    return {"student": student, "teacher": teacher, "head": head, "metrics": C.read_jsonl(os.path.join(args.out, "log.jsonl"))}
+
+
+if __name__ == "__main__":
+    main()

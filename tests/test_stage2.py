@@ -1,0 +1,228 @@
+"""Stage 2: the alignment loss, the teacher cache, SSL4EO-style weights, the CLI and its failures."""
+import glob
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+from conftest import TINY_STUDENT, load_stage, make_eurosat_ms
+
+import common as C
+
+align = load_stage("02_align_s2.py")
+
+
+def align_args(patched_run, out, *extra, epochs=2):
+    return ["--teacher", patched_run["ckpt"], "--root", patched_run["root"], *TINY_STUDENT,
+            "--epochs", str(epochs), "--batch-size", "16", "--lr", "1e-3", "--workers", "0",
+            "--out", str(out), *extra]
+
+
+def expect_error(capsys, argv, *words):
+    """The stage stops with exit code 2 and one line naming `words`, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        align.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # progress bars may come before it
+    assert line.startswith("error: ") and err.count("error: ") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in line, (w, line)
+    return line
+
+
+def state_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def test_alignment_loss_equals_independent_computation():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    head = F.normalize(torch.randn(5, 3, generator=g), dim=0)
+    logit_scale, y = torch.tensor(np.log(100.0)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    loss, mse, ce = align.alignment_loss(s, t, head, logit_scale, y, 0.05)
+    logits = 100.0 * (s / s.norm(dim=1, keepdim=True)) @ head
+    expected_ce = -(logits.log_softmax(1)[torch.arange(8), y]).mean()
+    expected_mse = ((s - t) ** 2).sum() / s.numel()
+    assert torch.allclose(mse, expected_mse) and torch.allclose(ce, expected_ce, atol=1e-5)
+    assert torch.allclose(loss, expected_mse + 0.05 * expected_ce, atol=1e-6)
+    # multi-label targets: binary cross-entropy with logits, averaged over images and classes
+    multi = torch.tensor([[1, 0, 1]] * 4 + [[0, 1, 0]] * 4)
+    _, _, bce = align.alignment_loss(s, t, head, logit_scale, multi, 0.05)
+    expected_bce = -(multi * F.logsigmoid(logits) + (1 - multi) * F.logsigmoid(-logits)).mean()
+    assert torch.allclose(bce, expected_bce, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- SSL4EO-style weights
+
+
+def test_ssl4eo_checkpoint_loads_every_backbone_tensor_in_band_order(tmp_path, capsys):
+    student = C.Student("vit_tiny_patch16_224", 32, input_size=32)
+    source = C.Student("vit_tiny_patch16_224", 32, input_size=224).backbone.state_dict()  # 224 px: 14x14 grid
+    ckpt = {f"module.backbone.{k}": v for k, v in source.items()}
+    ckpt["module.head.weight"] = torch.zeros(10, 192)  # a pretraining head: unexpected, ignored
+    torch.save({"model": ckpt, "epoch": 99}, tmp_path / "ssl4eo.pth")
+    align.load_backbone_weights(student, str(tmp_path / "ssl4eo.pth"), "ssl4eo")
+    out = capsys.readouterr().out
+    assert f"loaded {len(source)}/{len(source)}" in out and "module.head.weight" in out
+    loaded = student.backbone.state_dict()
+    for k, v in source.items():
+        if k not in ("patch_embed.proj.weight", "pos_embed"):
+            assert torch.equal(loaded[k], v), k
+    for i, band in enumerate(C.S2_BANDS):  # EuroSAT's channel i takes SSL4EO's channel of the same band
+        assert torch.equal(loaded["patch_embed.proj.weight"][:, i], source["patch_embed.proj.weight"][:, C.SSL4EO_BANDS.index(band)])
+    assert loaded["pos_embed"].shape == (1, 1 + 4, 192)  # resampled from 1 + 196 tokens
+    assert torch.equal(loaded["pos_embed"][:, 0], source["pos_embed"][:, 0])  # the class token's is kept
+
+
+def test_three_band_or_foreign_checkpoint_is_refused(tmp_path, patched_run, capsys):
+    three_band = C.Student("vit_tiny_patch16_224", 32, input_size=32, in_chans=3).backbone.state_dict()
+    torch.save({"state_dict": three_band}, tmp_path / "rgb.pth")
+    expect_error(capsys, align_args(patched_run, tmp_path / "a", "--student-weights", str(tmp_path / "rgb.pth")),
+                 "rgb.pth", "patch_embed.proj.weight", "13-band")
+    torch.save({"model": {"conv1.weight": torch.zeros(3)}}, tmp_path / "resnet.pth")
+    expect_error(capsys, align_args(patched_run, tmp_path / "b", "--student-weights", str(tmp_path / "resnet.pth")),
+                 "resnet.pth", "--student")
+    assert not os.path.exists(tmp_path / "a" / "student.pt") and not os.path.exists(tmp_path / "b" / "student.pt")
+
+
+# ----------------------------------------------------------------------------- the stage end to end
+
+
+@pytest.fixture(scope="module")
+def aligned(patched_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align") / "run"
+    result = align.main(align_args(patched_run, out, epochs=6))
+    return {**result, "out": str(out)}
+
+
+def test_cli_writes_a_student_that_round_trips(aligned, patched_run):
+    out = aligned["out"]
+    student, record = C.load_student(os.path.join(out, "student.pt"))
+    assert state_equal(student.state_dict(), aligned["student"].state_dict())
+    assert record["teacher"]["weights_sha256"] == C.sha256_of(patched_run["ckpt"])
+    assert (record["arch"], record["in_chans"], record["input_size"], record["embed_dim"]) == \
+        ("vit_tiny_patch16_224", 13, 32, 32)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert [row["epoch"] for row in metrics["epochs"]] == list(range(6))
+    for row in metrics["epochs"]:
+        assert {"train_mse", "train_ce", "val_mse", "val_acc"} <= row.keys()
+    assert not os.path.exists(os.path.join(out, "last.pt"))  # a finished run keeps student.pt only
+    x = torch.rand(2, 13, 32, 32)
+    assert torch.equal(student(x), aligned["student"].eval()(x))
+
+
+def test_student_learns_the_teacher_and_the_teacher_is_untouched(aligned, patched_run):
+    import open_clip
+    teacher, _, _ = open_clip.create_model_and_transforms("rsclip-tiny", pretrained=patched_run["ckpt"])
+    assert state_equal(aligned["teacher"].state_dict(), teacher.state_dict())  # bit-identical after training
+    # the validation MSE to a fresh teacher forward pass, before (student_init.pt) and after
+    val = C.load_split("eurosat_ms", patched_run["root"], "val", 0)
+    raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
+    meta = json.load(open(patched_run["ckpt"].replace(".pt", ".json")))
+    with torch.no_grad():
+        target = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu"))
+        mse = {name: F.mse_loss(C.load_student(os.path.join(aligned["out"], name))[0](C.ms_input(raw, 32, "cpu")),
+                                target).item() for name in ("student_init.pt", "student.pt")}
+    assert mse["student.pt"] < 0.5 * mse["student_init.pt"], mse
+    assert mse["student.pt"] == pytest.approx(aligned["metrics"][-1]["val_mse"], rel=1e-4)
+
+
+def test_teacher_cache_equals_a_fresh_forward_pass(aligned, patched_run):
+    import open_clip
+    teacher, _, _ = open_clip.create_model_and_transforms("rsclip-tiny", pretrained=patched_run["ckpt"])
+    meta = json.load(open(patched_run["ckpt"].replace(".pt", ".json")))
+    train = C.load_split("eurosat_ms", patched_run["root"], "train", 0)
+    raw = C.ImageFiles(train)[list(range(len(train.files)))]["images"]
+    with torch.no_grad():
+        fresh = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu"))
+    cached = [torch.load(p, weights_only=True)["embeddings"] for p in glob.glob(os.path.join(aligned["out"], "teacher-*.pt"))]
+    assert any(c.shape == fresh.shape and torch.allclose(c, fresh, atol=1e-5) for c in cached)
+
+
+def test_resume_after_sigterm_equals_an_uninterrupted_run(aligned, patched_run, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    loss = align.alignment_loss
+
+    def loss_then_sigterm(*a, **k):  # a real SIGTERM arrives during the 4th step
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGTERM)
+        return loss(*a, **k)
+
+    monkeypatch.setattr(align, "alignment_loss", loss_then_sigterm)
+    argv = align_args(patched_run, tmp_path / "run", epochs=6)
+    with pytest.raises(SystemExit) as e:
+        align.main(argv)
+    assert e.value.code == 130 and os.path.exists(tmp_path / "run" / "last.pt")
+    assert not os.path.exists(tmp_path / "run" / "student.pt")
+    monkeypatch.setattr(align, "alignment_loss", loss)
+    align.main(argv + ["--resume"])
+    resumed = torch.load(tmp_path / "run" / "student.pt", weights_only=True)["state_dict"]
+    for k, v in aligned["student"].state_dict().items():
+        assert torch.allclose(resumed[k], v, atol=1e-6), k
+
+
+def test_same_command_gives_the_same_metrics(aligned, patched_run, tmp_path):
+    align.main(align_args(patched_run, tmp_path / "again", epochs=6))
+    first = json.load(open(os.path.join(aligned["out"], "metrics.json")))["epochs"]
+    again = json.load(open(tmp_path / "again" / "metrics.json"))["epochs"]
+    assert first == again
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_wrong_band_count_tif_names_the_file(tmp_path, patched_run, capsys):
+    root = tmp_path / "ms"
+    shutil.copytree(patched_run["root"], root)
+    bad = root / "Forest" / "Forest_1.tif"
+    tifffile.imwrite(bad, np.zeros((64, 64, 4), np.uint16))
+    args = align_args(patched_run, tmp_path / "out", epochs=1)
+    args[args.index("--root") + 1] = str(root)
+    expect_error(capsys, args, "Forest_1.tif", "13", "--skip-bad-files")
+
+
+def test_teacher_that_is_not_a_stage1_output_is_refused(tmp_path, patched_run, capsys):
+    import open_clip
+    plain = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model("rsclip-tiny").state_dict(), plain)  # no patched.json beside it
+    args = align_args(patched_run, tmp_path / "out", epochs=1)
+    args[args.index("--teacher") + 1] = str(plain)
+    expect_error(capsys, args, "clip.pt", "01_patch_clip.py")
+    args[args.index("--teacher") + 1] = str(tmp_path / "missing.pt")
+    expect_error(capsys, args, "missing.pt", "--teacher")
+
+
+def test_classes_that_differ_from_the_teacher_are_refused(tmp_path, patched_run, capsys):
+    root = make_eurosat_ms(tmp_path / "ms", per_class=3, classes=["Forest", "River", "SeaLake"])
+    args = align_args(patched_run, tmp_path / "out", epochs=1)
+    args[args.index("--root") + 1] = root
+    expect_error(capsys, args, "patched.pt", "classes", "Forest")
+
+
+def test_nan_loss_stops_and_keeps_the_finished_student(aligned, patched_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(aligned["out"], out)
+    finished = C.sha256_of(str(out / "student.pt"))
+    calls = {"n": 0}
+    loss = align.alignment_loss
+
+    def nan_at_third_step(*a, **k):
+        calls["n"] += 1
+        total, mse, ce = loss(*a, **k)
+        return (total * float("nan"), mse, ce) if calls["n"] == 3 else (total, mse, ce)
+
+    monkeypatch.setattr(align, "alignment_loss", nan_at_third_step)
+    line = expect_error(capsys, align_args(patched_run, out, "--overwrite", "--save-every", "1"), "step 2", "last.pt")
+    assert "nan" in line
+    assert C.sha256_of(str(out / "student.pt")) == finished  # the finished checkpoint is not touched
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2  # the last good state is kept
