@@ -93,10 +93,10 @@ def accuracy(model, head, dataset, preprocess_cfg, args, device, bad):
 def main(argv=None):
     args = parse_args(argv)
     with C.user_errors(args.debug):
-        run(args)
+        run(args, argv)
 
 
-def run(args):
+def run(args, argv=None):
     # ------------------------------------------------------------------ setup
     device = C.pick_device(args.device)
     C.prepare_run_dir(args.out, "patched.pt", args.overwrite, args.resume)
@@ -175,7 +175,7 @@ def run(args):
                 if step % args.save_every == 0 or stop.requested:
                     C.save_training_state(args.out, step, epoch, batch_in_epoch, batches_per_epoch, **state)
                 if stop.requested:
-                    C.exit_interrupted(stop.requested, step, args.out)
+                    C.exit_interrupted(stop.requested, step, args.out, __file__, argv)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end

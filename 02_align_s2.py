@@ -158,10 +158,10 @@ def validate(student, dataset, teacher_emb, head, logit_scale, args, device, bad
 def main(argv=None):
     args = parse_args(argv)
     with C.user_errors(args.debug):
-        return run(args)
+        return run(args, argv)
 
 
-def run(args):
+def run(args, argv=None):
     # ------------------------------------------------------------------ setup
     device = C.pick_device(args.device)
     C.prepare_run_dir(args.out, "student.pt", args.overwrite, args.resume)
@@ -247,7 +247,7 @@ def run(args):
                 if step % args.save_every == 0 or stop.requested:
                     C.save_training_state(args.out, step, epoch, batch_in_epoch, batches_per_epoch, **state)
                 if stop.requested:
-                    C.exit_interrupted(stop.requested, step, args.out)
+                    C.exit_interrupted(stop.requested, step, args.out, __file__, argv)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end

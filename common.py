@@ -10,6 +10,7 @@ Sections, in the order the data flows:
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -54,7 +55,8 @@ S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10"
 # Band order of the SSL4EO-S12 L1C pretraining data (B8A right after B08).
 SSL4EO_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 RGB_BANDS = ("B04", "B03", "B02")  # red, green, blue
-RGB_SCALE = 255.0 / 3558.0  # digital number -> 8-bit grey level of the EuroSAT RGB release
+RGB_MAX = 3558.0  # L1C digital number shown as grey level 255 in the EuroSAT RGB release
+RGB_SCALE = 255.0 / RGB_MAX  # digital number -> 8-bit grey level
 REFLECTANCE_SCALE = 1.0 / 10000.0  # L1C digital number -> top-of-atmosphere reflectance
 
 # The CLIP paper's EuroSAT class names and templates, keyed by EuroSAT's folder names.
@@ -185,10 +187,15 @@ def read_image(path, modality):
         except Exception as e:
             raise ValueError(f"cannot decode image ({e})")
         return image.permute(1, 2, 0).numpy()
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.CRITICAL)  # its log lines on a broken file would repeat the reason below
     try:
         image = tifffile.imread(path)
     except Exception as e:
         raise ValueError(f"cannot read GeoTIFF ({type(e).__name__}: {e})")
+    finally:
+        tiff_log.setLevel(level)
     if image.ndim == 3 and image.shape[0] == len(S2_BANDS) and image.shape[-1] != len(S2_BANDS):
         image = image.transpose(1, 2, 0)  # bands-first tif
     if image.ndim != 3 or image.shape[-1] != len(S2_BANDS):
@@ -208,7 +215,18 @@ class ImageFiles(Dataset):
 
     def __init__(self, scenes):
         self.scenes = scenes
-        first = read_image(os.path.join(scenes.root, scenes.files[0]), scenes.modality)
+        if not scenes.files:
+            raise UserError(f"the {scenes.split} split of {scenes.root} is empty: it takes "
+                            f"{SPLIT_FRACTIONS.get(scenes.split, 1):.0%} of each class's files, rounded; add images")
+        reasons = []
+        for name in scenes.files:  # the first readable file sets the size; bad ones are reported per batch
+            try:
+                first = read_image(os.path.join(scenes.root, name), scenes.modality)
+                break
+            except ValueError as e:
+                reasons.append(f"{os.path.join(scenes.root, name)} {e}")
+        else:
+            raise UserError(f"none of the {len(reasons)} {scenes.split} files can be read, e.g. {reasons[0]}")
         self.shape, self.dtype = first.shape, first.dtype
 
     def __len__(self):
@@ -288,7 +306,9 @@ def open_images(scenes, cache=None, workers=0):
                                            (len(files), *files.shape))
         loader = batch_loader(files, 512, workers=workers)
         for batch in loader:
-            check_bad_files(batch, skip_bad_files=False)  # a packed split must be complete
+            for path, reason in batch["bad"][:1]:  # a packed split must be complete, --skip-bad-files or not
+                raise UserError(f"{path} {reason}; replace or delete the file "
+                                f"(--cache packs whole splits: drop it to use --skip-bad-files)")
             images[batch["index"].numpy()] = batch["images"].numpy()
         images.flush()
         del images
@@ -319,6 +339,8 @@ def batch_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, start_batc
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches = batches[:-1]
+    if isinstance(dataset, PackedImages):  # slicing a memory map is one memcpy: worker processes would only
+        workers = 0                          # add a copy through shared memory (26,000 vs 5,300 images/s here)
     return DataLoader(dataset, batch_size=None, sampler=batches[start_batch:], num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None)
@@ -346,14 +368,23 @@ def rgb_composite(ms):
     clipped to [0, 255] and truncated to whole grey levels (as the uint8 EuroSAT RGB release).
     ms: (B, 13, H, W) float in S2_BANDS order -> (B, 3, H, W) float with values 0..255."""
     rgb = ms[:, [S2_BANDS.index(b) for b in RGB_BANDS]]
-    return torch.floor(torch.clamp(rgb * RGB_SCALE, 0, 255))
+    # times 255, then / 3558: exact in float32 for uint16 input (* RGB_SCALE turns 3558 into 254.99998)
+    return torch.floor(torch.clamp(rgb * 255.0 / RGB_MAX, 0, 255))
 
 
-def resize_and_crop(x, size, interpolation):
-    """open_clip's 'shortest' resize mode on a batch: shorter side to `size`, then a centre crop."""
+def resize_and_crop(x, size, interpolation, clip_to=None):
+    """open_clip's 'shortest' resize mode on a batch: shorter side to `size`, then a centre crop.
+    With `clip_to` (low, high), resample as PIL does 8-bit images in open_clip's own preprocessing:
+    width first, then height, clipping each pass (bicubic overshoots the range next to sharp edges)."""
     mode = TF.InterpolationMode(interpolation)
     if x.shape[-2:] != (size, size):
-        x = TF.resize(x, size, interpolation=mode, antialias=True)
+        if clip_to is None:
+            x = TF.resize(x, size, interpolation=mode, antialias=True)
+        else:
+            h, w = x.shape[-2:]
+            new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+            x = TF.resize(x, [h, new_w], interpolation=mode, antialias=True).clamp(*clip_to)
+            x = TF.resize(x, [new_h, new_w], interpolation=mode, antialias=True).clamp(*clip_to)
         x = TF.center_crop(x, [size, size])
     return x
 
@@ -373,7 +404,7 @@ def clip_input(raw, preprocess_cfg, device, flip_seed_step=None):
     optional random flips, and normalisation with the model's mean and std."""
     x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     x = rgb_composite(x) if x.shape[1] == len(S2_BANDS) else x
-    x = resize_and_crop(x / 255.0, preprocess_cfg["size"][0], preprocess_cfg["interpolation"])
+    x = resize_and_crop(x / 255.0, preprocess_cfg["size"][0], preprocess_cfg["interpolation"], clip_to=(0, 1))
     if flip_seed_step is not None:
         x = random_flips(x, *flip_seed_step)
     return TF.normalize(x, list(preprocess_cfg["mean"]), list(preprocess_cfg["std"]))
@@ -440,6 +471,9 @@ def load_clip(model_name, pretrained, device="cpu", force_quick_gelu=None):
             model_name, pretrained=None if pretrained == "none" else pretrained,
             force_quick_gelu=force_quick_gelu, device=device)
     except RuntimeError as e:
+        if "PytorchStreamReader" in str(e) or "zip archive" in str(e):
+            raise UserError(f"--pretrained {pretrained} cannot be read (truncated, or not a torch.save file); "
+                            f"download or save it again")
         if tag_cfg:
             raise UserError(f"could not fetch the '{pretrained}' weights of {model_name} (offline?); download "
                             f"them where you can and pass the file with --pretrained PATH")
@@ -500,8 +534,12 @@ def load_student(path):
     record = load_torch(path, "student checkpoint", "pass a student.pt written by 02_align_s2.py")
     if not isinstance(record, dict) or record.get("kind") != "rsclip-align/student":
         raise UserError(f"{path} is not a student checkpoint of 02_align_s2.py; pass its OUT/student.pt")
-    student = Student(record["arch"], record["embed_dim"], record["input_size"], record["in_chans"])
-    student.load_state_dict(record["state_dict"])
+    try:
+        student = Student(record["arch"], record["embed_dim"], record["input_size"], record["in_chans"])
+        student.load_state_dict(record["state_dict"])
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{path} does not rebuild its student ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        f"pass a student.pt written by this version of 02_align_s2.py")
     return student.eval(), record
 
 
@@ -525,7 +563,7 @@ def load_teacher(path, device):
 def check_classes(meta_classes, scenes, ckpt):
     if list(meta_classes) != list(scenes.classes):
         raise UserError(f"{ckpt} was made for classes {list(meta_classes)}, but {scenes.root} has "
-                        f"{scenes.classes}; pass the data set the checkpoint was trained on")
+                        f"{scenes.classes}; pass --data/--root of the data set the checkpoint was trained on")
 
 
 # ============================================================================ run folders
@@ -538,6 +576,7 @@ def write_atomic(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -553,7 +592,10 @@ def write_json(path, obj):
 
 
 def save_torch(path, obj):
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through a file object, so the bytes depend on `obj` only
+            torch.save(obj, f)
+    write_atomic(path, write)
 
 
 def read_jsonl(path):
@@ -675,9 +717,10 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def exit_interrupted(signame, step, out):
+def exit_interrupted(signame, step, out, script, argv=None):
     """After a stop signal: the checkpoint is saved; say how to go on, exit code 130."""
-    command = " ".join(shlex.quote(a) for a in sys.argv if a not in ("--resume", "--overwrite"))
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(shlex.quote(a) for a in [script, *argv] if a not in ("--resume", "--overwrite"))
     print(f"\n{signame} at step {step}: saved {out}/last.pt; resume with:\n  python {command} --resume",
           file=sys.stderr)
     raise SystemExit(130)

@@ -1,0 +1,247 @@
+"""The data layer: splits, readers, the packed cache, batch order, and the device-side transforms
+checked against open_clip's own CPU preprocessing and against numpy."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torchvision.transforms.functional as TVF
+from conftest import EUROSAT_CLASSES, SHARED_MS, TINY_CLIP, make_eurosat_ms, make_eurosat_rgb
+from PIL import Image
+
+import common as C
+
+
+def np_composite(ms):
+    """EuroSAT's RGB from 13-band digital numbers (H, W, 13), in float64 numpy: B04, B03, B02 are
+    the bands at index 3, 2, 1 of B01..B12,B8A; x 255/3558, clipped to 0..255, truncated."""
+    return np.floor(np.clip(ms[..., [3, 2, 1]].astype(np.float64) * 255 / 3558, 0, 255)).astype(np.uint8)
+
+
+def shared_tifs(every=10):
+    return sorted(glob.glob(os.path.join(SHARED_MS, "*", "*.tif")))[::every]
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_split_is_stratified_disjoint_complete_and_deterministic(tmp_path):
+    root = make_eurosat_ms(tmp_path / "ms", per_class=10, size=8)
+    for n in range(1, 4):  # Forest keeps 7 files: classes of different sizes
+        os.remove(os.path.join(root, "Forest", f"Forest_{n}.tif"))
+    scenes = C.list_scenes("eurosat_ms", root)
+    split = C.split_indices(scenes, seed=0)
+    again = C.split_indices(C.list_scenes("eurosat_ms", root), seed=0)
+    assert all(np.array_equal(split[k], again[k]) for k in ("train", "val", "test"))
+    everything = np.concatenate([split["train"], split["val"], split["test"]])
+    assert sorted(everything.tolist()) == list(range(len(scenes.files)))  # disjoint and complete
+    for label, name in enumerate(scenes.classes):
+        n = 7 if name == "Forest" else 10
+        counts = [int(np.sum(scenes.labels[split[k]] == label)) for k in ("train", "val", "test")]
+        assert counts == [round(0.7 * n), round(0.1 * n), n - round(0.7 * n) - round(0.1 * n)], (name, counts)
+    # load_split returns exactly those files, labelled by their folder
+    for k in ("train", "val", "test"):
+        part = C.load_split("eurosat_ms", root, k, 0)
+        assert part.files == [scenes.files[i] for i in split[k]] and (part.split, part.seed) == (k, 0)
+        assert [part.classes[y] for y in part.labels] == [f.split(os.sep)[0] for f in part.files]
+
+
+def test_split_has_the_same_scenes_for_rgb_jpgs_and_ms_tifs_and_follows_the_seed(tmp_path):
+    ms = make_eurosat_ms(tmp_path / "ms", per_class=10, size=8)
+    rgb = make_eurosat_rgb(tmp_path / "rgb", per_class=10, size=8)
+    stems = lambda s: [os.path.splitext(f)[0] for f in s.files]
+    for seed in (0, 1):
+        for k in ("train", "val", "test"):
+            a, b = C.load_split("eurosat_ms", ms, k, seed), C.load_split("eurosat", rgb, k, seed)
+            assert stems(a) == stems(b) and np.array_equal(a.labels, b.labels)
+            assert all(f.endswith(".tif") for f in a.files) and all(f.endswith(".jpg") for f in b.files)
+    assert stems(C.load_split("eurosat_ms", ms, "train", 0)) != stems(C.load_split("eurosat_ms", ms, "train", 1))
+
+
+def test_a_split_without_files_is_a_user_error(tmp_path):
+    root = make_eurosat_ms(tmp_path / "ms", per_class=4, size=8)  # 10% of 4 rounds to no val file
+    val = C.load_split("eurosat_ms", root, "val", 0)
+    with pytest.raises(C.UserError, match="val split .* is empty"):
+        C.open_images(val)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def test_read_image_checks_bands_and_dtype_and_accepts_bands_first(tmp_path):
+    image = np.random.default_rng(0).integers(0, 5000, (16, 16, 13)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "hwc.tif", image)
+    tifffile.imwrite(tmp_path / "chw.tif", image.transpose(2, 0, 1))
+    tifffile.imwrite(tmp_path / "rgb.tif", image[..., :3])
+    tifffile.imwrite(tmp_path / "float.tif", image.astype(np.float32))
+    (tmp_path / "broken.tif").write_bytes((tmp_path / "hwc.tif").read_bytes()[:1000])
+    assert np.array_equal(C.read_image(str(tmp_path / "hwc.tif"), "ms"), image)
+    assert np.array_equal(C.read_image(str(tmp_path / "chw.tif"), "ms"), image)
+    for name, reason in (("rgb.tif", "(16, 16, 3)"), ("float.tif", "float32"), ("broken.tif", "cannot read")):
+        with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            C.read_image(str(tmp_path / name), "ms")
+
+
+def test_image_files_reports_bad_files_per_batch_and_resizes_odd_rgb_tiles(tmp_path):
+    root = make_eurosat_rgb(tmp_path / "rgb", per_class=2, classes=EUROSAT_CLASSES[:2], size=16)
+    scenes = C.list_scenes("eurosat", root)
+    (open(os.path.join(scenes.root, scenes.files[0]), "wb")).write(b"not a jpeg")  # the very first file
+    Image.fromarray(np.full((20, 12, 3), 77, np.uint8)).save(os.path.join(scenes.root, scenes.files[2]))
+    files = C.ImageFiles(scenes)  # the first readable file sets the size
+    assert files.shape == (16, 16, 3)
+    batch = files[[0, 1, 2, 3]]
+    assert [os.path.basename(p) for p, _ in batch["bad"]] == [os.path.basename(scenes.files[0])]
+    assert batch["index"].tolist() == [1, 2, 3] and batch["labels"].tolist() == scenes.labels[1:].tolist()
+    assert batch["images"].shape == (3, 16, 16, 3) and batch["images"].dtype == torch.uint8
+    assert torch.all(batch["images"][1] == 77)  # the 20x12 tile, resized to the others' 16x16
+
+
+# ----------------------------------------------------------------------------- batches and the packed cache
+
+
+class Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 23
+
+    def __getitem__(self, indices):
+        return torch.tensor(indices)
+
+
+def test_batch_loader_order_depends_on_seed_and_epoch_and_start_batch_skips():
+    order = lambda **kw: [b.tolist() for b in C.batch_loader(Indices(), 5, **kw)]
+    plain = order()
+    assert plain == [list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)]
+    shuffled = order(shuffle=True, seed=3, epoch=1)
+    assert shuffled == order(shuffle=True, seed=3, epoch=1)
+    assert sorted(sum(shuffled, [])) == list(range(23)) and shuffled != plain
+    assert shuffled != order(shuffle=True, seed=3, epoch=2) and shuffled != order(shuffle=True, seed=4, epoch=1)
+    assert order(shuffle=True, seed=3, epoch=1, start_batch=2) == shuffled[2:]
+    assert len(order(drop_last=True)) == 4
+
+
+def all_batches(dataset, **kw):
+    return [{k: v for k, v in b.items() if k != "bad"} for b in C.batch_loader(dataset, 4, **kw)]
+
+
+def test_packed_cache_equals_the_files_is_reused_and_is_rekeyed(tmp_path, capsys):
+    root = make_eurosat_ms(tmp_path / "ms", per_class=6, classes=EUROSAT_CLASSES[:3], size=16)
+    cache = str(tmp_path / "cache")
+    train = C.load_split("eurosat_ms", root, "train", 0)
+    packed = C.open_images(train, cache=cache)
+    assert "packing" in capsys.readouterr().out
+    files = C.open_images(train)
+    assert isinstance(packed, C.PackedImages) and isinstance(files, C.ImageFiles)
+    for kw in ({}, {"shuffle": True, "seed": 5, "epoch": 2}):
+        a, b = all_batches(packed, **kw), all_batches(files, **kw)
+        assert len(a) == len(b) == 3
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+            assert x["images"].dtype == torch.uint16
+    # the images are those of the files on disk, in the split's order
+    first = tifffile.imread(os.path.join(root, train.files[0]))
+    assert np.array_equal(np.asarray(packed.images[0]), first)
+    folders = sorted(os.listdir(cache))
+    stamp = os.path.getmtime(os.path.join(cache, folders[0], "images.npy"))
+    again = C.open_images(train, cache=cache)
+    assert "packing" not in capsys.readouterr().out and sorted(os.listdir(cache)) == folders
+    assert os.path.getmtime(os.path.join(cache, folders[0], "images.npy")) == stamp
+    assert torch.equal(again[[0, 1]]["images"], packed[[0, 1]]["images"])
+    # another split or another split seed packs another folder
+    C.open_images(C.load_split("eurosat_ms", root, "val", 0), cache=cache)
+    C.open_images(C.load_split("eurosat_ms", root, "train", 1), cache=cache)
+    assert capsys.readouterr().out.count("packing") == 2
+    assert len(set(os.listdir(cache)) - set(folders)) == 2
+
+
+def test_packed_cache_refuses_a_bad_file_and_leaves_no_pack(tmp_path):
+    root = make_eurosat_ms(tmp_path / "ms", per_class=6, classes=EUROSAT_CLASSES[:2], size=16)
+    train = C.load_split("eurosat_ms", root, "train", 0)
+    open(os.path.join(root, train.files[3]), "wb").write(b"II*\0garbage")
+    with pytest.raises(C.UserError, match=os.path.basename(train.files[3]) + ".*--cache"):
+        C.open_images(train, cache=str(tmp_path / "cache"))
+    packs = [p for p in glob.glob(str(tmp_path / "cache" / "*" / "images.npy")) if ".tmp" not in p]
+    assert not packs  # only a .tmp folder, which the next attempt replaces
+
+
+# ----------------------------------------------------------------------------- the RGB composite
+
+
+def test_rgb_composite_equals_numpy_for_every_digital_number():
+    dn = np.arange(0, 65536, dtype=np.uint16)
+    ms = np.zeros((1, 1, dn.size, 13), np.uint16)
+    rng = np.random.default_rng(0)
+    for band in range(13):  # every band a different permutation, so a wrong band order shows
+        ms[0, 0, :, band] = rng.permutation(dn)
+    got = C.rgb_composite(torch.from_numpy(ms).permute(0, 3, 1, 2).float())
+    assert torch.equal(got[0].permute(1, 2, 0), torch.from_numpy(np_composite(ms[0])).float())
+    assert C.S2_BANDS[3] == "B04" and C.S2_BANDS[2] == "B03" and C.S2_BANDS[1] == "B02"
+
+
+# ----------------------------------------------------------------------------- device-side transforms
+
+
+@pytest.fixture(scope="module", params=[None, 224], ids=["32px", "224px"])
+def clip_preprocess(request):
+    """open_clip's own validation transform (PIL) and the model's preprocess_cfg: the tiny CLIP at
+    its 32 px (EuroSAT's 64 px tiles shrink) and at 224 px (they grow, as with ViT-B-32)."""
+    import open_clip
+    kw = {} if request.param is None else {"force_image_size": request.param}
+    model, _, preprocess_val = open_clip.create_model_and_transforms(TINY_CLIP, **kw)
+    return preprocess_val, dict(model.visual.preprocess_cfg)
+
+
+def image_files(source, tmp_path):
+    """(files, modality) of one source of 64x64 tiles: generated jpgs, generated tifs or real tifs."""
+    if source == "real tifs":
+        if not os.path.isdir(SHARED_MS):
+            pytest.skip(f"{SHARED_MS} (200 real EuroSAT MS tifs) is not present")
+        return shared_tifs(), "ms"
+    if source == "generated jpgs":
+        root = make_eurosat_rgb(tmp_path / "rgb", per_class=1)
+        return sorted(glob.glob(os.path.join(root, "eurosat", "2750", "*", "*.jpg"))), "rgb"
+    return sorted(glob.glob(os.path.join(make_eurosat_ms(tmp_path / "ms", per_class=1), "*", "*.tif"))), "ms"
+
+
+@pytest.mark.parametrize("source", ["generated jpgs", "generated tifs", "real tifs"])
+def test_clip_input_matches_open_clip_preprocessing(tmp_path, clip_preprocess, source):
+    preprocess_val, cfg = clip_preprocess
+    files, modality = image_files(source, tmp_path)
+    raw = torch.from_numpy(np.stack([C.read_image(f, modality) for f in files]))
+    pil = [Image.open(f).convert("RGB") if modality == "rgb" else Image.fromarray(np_composite(tifffile.imread(f)))
+           for f in files]
+    expected = torch.stack([preprocess_val(p) for p in pil])
+    got = C.clip_input(raw, cfg, "cpu")
+    assert got.shape == expected.shape == (len(files), 3, cfg["size"][0], cfg["size"][1])
+    assert (got - expected).abs().max() < 0.02  # normalised units: about one grey level of 255
+
+
+def test_clip_input_flips_whole_images(clip_preprocess):
+    _, cfg = clip_preprocess
+    raw = torch.randint(0, 255, (16, 40, 40, 3), dtype=torch.uint8)
+    plain = C.clip_input(raw, cfg, "cpu")
+    flipped = C.clip_input(raw, cfg, "cpu", flip_seed_step=(0, 7))
+    kinds = []
+    for x, y in zip(plain, flipped):
+        options = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+        kinds.append(next(i for i, o in enumerate(options) if torch.equal(o, y)))
+    assert len(set(kinds)) > 1  # some images flipped, in more than one way
+    assert torch.equal(flipped, C.clip_input(raw, cfg, "cpu", flip_seed_step=(0, 7)))  # drawn from (seed, step)
+
+
+@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize("source", ["generated tifs", "real tifs", "random digital numbers"])
+def test_ms_input_matches_a_cpu_reference(tmp_path, source, size):
+    if source == "random digital numbers":  # beyond 10000 too, where reflectance is clipped to 1
+        images = list(np.random.default_rng(0).integers(0, 65536, (3, 20, 20, 13), dtype=np.uint16))
+    else:
+        images = [tifffile.imread(f) for f in image_files(source, tmp_path)[0]]
+    expected = []
+    for image in images:  # reflectance in numpy, then torchvision's bicubic resize, one image at a time
+        reflectance = np.clip(image.astype(np.float64) / 10000, 0, 1).astype(np.float32)
+        expected.append(TVF.resize(torch.from_numpy(reflectance).permute(2, 0, 1), [size, size],
+                                   interpolation=TVF.InterpolationMode.BICUBIC, antialias=True))
+    got = C.ms_input(torch.from_numpy(np.stack(images)), size, "cpu")
+    assert got.shape == (len(images), 13, size, size)
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)

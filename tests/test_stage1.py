@@ -1,0 +1,408 @@
+"""Stage 1: the interpolation, the zero-shot head, what training may change, the saved patch,
+the CLI end to end (RGB jpgs, MS tifs, a control set, real tifs), and its failures."""
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+from conftest import EUROSAT_CLASSES, SHARED_MS, TINY_CLIP, load_stage, make_eurosat_ms, make_eurosat_rgb, \
+    tiny_patch_args
+
+import common as C
+
+stage = load_stage("01_patch_clip.py")
+SMALL = EUROSAT_CLASSES[:3]  # 6 files per class: 4 train, 1 val, 1 test
+
+
+def small_ms(tmp_path):
+    return make_eurosat_ms(tmp_path / "EuroSAT_MS", per_class=6, classes=SMALL, size=32)
+
+
+def initial_model(seed=0):
+    """The CLIP that `--pretrained none --seed 0` starts from, built with open_clip directly."""
+    import open_clip
+    torch.manual_seed(seed)
+    return open_clip.create_model_and_transforms(TINY_CLIP)[0].eval()
+
+
+def tokenizer():
+    import open_clip
+    return open_clip.get_tokenizer(TINY_CLIP)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def interpolated(theta_0, theta_1, alpha):
+    return {k: (1 - alpha) * theta_0[k] + alpha * theta_1[k] for k in theta_0}
+
+
+def state_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def expect_error(capsys, argv, *words, out=None):
+    """The stage stops with exit code 2 and one line `error: ...` naming `words` (progress bars
+    aside), without a traceback, and leaves no patched.pt."""
+    with pytest.raises(SystemExit) as e:
+        stage.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and not re.search(r"\|.*\[\d\d:\d\d", line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for w in words:
+        assert str(w) in lines[0], (w, lines[0])
+    if out is not None:
+        assert not os.path.exists(os.path.join(out, "patched.pt"))
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- the method's pieces
+
+
+def test_interpolation_endpoints_are_exact_and_integer_buffers_are_kept():
+    theta_0, theta_1 = initial_model(0).visual.state_dict(), initial_model(1).visual.state_dict()
+    theta_0["steps"], theta_1["steps"] = torch.tensor([5, 7]), torch.tensor([5, 7])  # an integer buffer
+    assert not torch.equal(theta_0["conv1.weight"], theta_1["conv1.weight"])
+    assert state_equal(stage.interpolate_weights(theta_0, theta_1, 0.0), theta_0)
+    assert state_equal(stage.interpolate_weights(theta_0, theta_1, 1.0), theta_1)
+    middle = stage.interpolate_weights(theta_0, theta_1, 0.3)
+    for k, w0 in theta_0.items():
+        if k != "steps":
+            expected = (0.7 * w0.double() + 0.3 * theta_1[k].double()).float()
+            assert torch.allclose(middle[k], expected, atol=1e-6), k
+    assert middle["steps"].dtype == torch.int64 and middle["steps"].tolist() == [5, 7]
+    with pytest.raises(AssertionError):  # a key missing on one side
+        stage.interpolate_weights(theta_0, {k: v for k, v in theta_1.items() if k != "proj"}, 0.5)
+    with pytest.raises(AssertionError):  # integer buffers must agree
+        stage.interpolate_weights(theta_0, {**theta_1, "steps": torch.tensor([5, 8])}, 0.5)
+
+
+def test_zeroshot_head_equals_encode_text_of_the_prompts():
+    model, tok = initial_model(), tokenizer()
+    classnames = list(C.EUROSAT_CLASSNAMES.values()) + ["river delta", "glacier"]  # 12: two batches of classes
+    head = C.zeroshot_head(model, tok, classnames, C.EUROSAT_TEMPLATES, "cpu")
+    columns = []
+    with torch.no_grad():
+        for name in classnames:
+            e = model.encode_text(tok([t.format(name) for t in C.EUROSAT_TEMPLATES]))
+            e = e / e.norm(dim=-1, keepdim=True)
+            mean = e.mean(0)
+            columns.append(mean / mean.norm())
+    expected = torch.stack(columns, dim=1)
+    assert head.shape == (32, 12)
+    assert torch.allclose(head, expected, atol=1e-5)
+    features = torch.randn(4, 32)
+    logits = C.zeroshot_logits(features, head, model.logit_scale)
+    assert torch.allclose(logits, model.logit_scale.exp() * (features / features.norm(dim=1, keepdim=True)) @ expected,
+                          atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the shared run (eurosat_ms)
+
+
+def test_training_changes_only_the_image_tower(patched_run):
+    initial = initial_model().state_dict()
+    patched, finetuned = load(patched_run["ckpt"]), load(os.path.join(patched_run["out"], "finetuned.pt"))
+    assert patched.keys() == initial.keys()
+    others = [k for k in initial if not k.startswith("visual.")]
+    assert "logit_scale" in others and "token_embedding.weight" in others and len(others) > 10
+    for k in others:  # text tower, logit_scale, ... bit-identical to the model the run started from
+        assert torch.equal(patched[k], initial[k]), k
+    assert finetuned.keys() == {k[len("visual."):] for k in initial if k.startswith("visual.")}
+    assert not all(torch.equal(v, initial["visual." + k]) for k, v in finetuned.items())  # it did train
+    # hence the zero-shot head is the same for the patched model as for the initial one
+    meta = json.load(open(os.path.join(patched_run["out"], "patched.json")))
+    model = initial_model()
+    before = C.zeroshot_head(model, tokenizer(), meta["classnames"], meta["templates"], "cpu")
+    model.load_state_dict(patched)
+    assert torch.equal(C.zeroshot_head(model, tokenizer(), meta["classnames"], meta["templates"], "cpu"), before)
+
+
+def test_patched_checkpoint_round_trips_and_is_the_interpolation(patched_run):
+    import open_clip
+    out, ckpt = patched_run["out"], patched_run["ckpt"]
+    meta = json.load(open(os.path.join(out, "patched.json")))
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert meta["kind"] == "rsclip-align/patched-clip" and meta["model"] == TINY_CLIP
+    assert meta["alpha"] == metrics["chosen_alpha"] == 0.5  # no --control: --alpha's default
+    assert meta["classes"] == EUROSAT_CLASSES and meta["split_seed"] == 0 and meta["dataset"] == "eurosat_ms"
+    assert meta["weights_sha256"] == hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
+    saved = load(ckpt)
+    model = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=ckpt)[0]
+    assert state_equal(model.state_dict(), saved)
+    initial, finetuned = initial_model().state_dict(), load(os.path.join(out, "finetuned.pt"))
+    zeroshot = {k[len("visual."):]: v for k, v in initial.items() if k.startswith("visual.")}
+    expected = interpolated(zeroshot, finetuned, 0.5)
+    for k, v in expected.items():
+        assert torch.allclose(saved["visual." + k], v, rtol=1e-6, atol=0), k
+    assert [row["alpha"] for row in metrics["alphas"]] == [0, 0.5, 1]
+    assert not os.path.exists(os.path.join(out, "last.pt")) and os.path.isfile(os.path.join(out, "args.json"))
+    # the reported validation accuracy at alpha 0.5 is that of the saved model
+    val = C.load_split("eurosat_ms", patched_run["root"], "val", 0)
+    raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
+    head = C.zeroshot_head(model, tokenizer(), meta["classnames"], meta["templates"], "cpu")
+    with torch.no_grad():
+        features = model.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu"))
+    predicted = (F.normalize(features, dim=-1) @ head).argmax(1).numpy()
+    assert metrics["alphas"][1]["task_acc"] == pytest.approx(np.mean(predicted == val.labels))
+
+
+def test_finetuning_lowers_the_training_loss(patched_run):
+    meta = json.load(open(os.path.join(patched_run["out"], "patched.json")))
+    train = C.load_split("eurosat_ms", patched_run["root"], "train", 0)
+    batch = C.ImageFiles(train)[list(range(len(train.files)))]
+    model = initial_model()
+    head = C.zeroshot_head(model, tokenizer(), meta["classnames"], meta["templates"], "cpu")
+    x, y = C.clip_input(batch["images"], meta["preprocess_cfg"], "cpu"), batch["labels"]
+
+    def loss():
+        with torch.no_grad():
+            f = F.normalize(model.encode_image(x), dim=-1)
+            return F.cross_entropy(model.logit_scale.exp() * f @ head, y).item()
+    before = loss()
+    model.visual.load_state_dict(load(os.path.join(patched_run["out"], "finetuned.pt")))
+    after = loss()
+    assert after < 0.8 * before, (before, after)
+    log = C.read_jsonl(os.path.join(patched_run["out"], "log.jsonl"))
+    assert [row["epoch"] for row in log] == [0, 1] and [row["step"] for row in log] == [3, 6]
+    assert log[1]["train_loss"] < log[0]["train_loss"]
+
+
+# ----------------------------------------------------------------------------- the CLI on other data
+
+
+def test_cli_on_eurosat_jpgs_with_a_control_folder_picks_the_best_mean(tmp_path):
+    task = make_eurosat_rgb(tmp_path / "task", per_class=6, classes=SMALL, size=32)
+    control_classes = ["baseball_diamond", "beach", "dense_residential"]
+    make_eurosat_rgb(tmp_path / "control", per_class=6, classes=control_classes, size=32, seed=1)
+    control_root = str(tmp_path / "control" / "eurosat" / "2750")
+    out = tmp_path / "out"
+    stage.main(tiny_patch_args(task, out, "eurosat", "--control", "folder", "--control-root", control_root))
+    metrics = json.load(open(out / "metrics.json"))
+    meta = json.load(open(out / "patched.json"))
+    rows = metrics["alphas"]
+    assert [r["alpha"] for r in rows] == [0, 0.5, 1]
+    best = max(r["task_acc"] + r["control_acc"] for r in rows)
+    expected = min(r["alpha"] for r in rows if r["task_acc"] + r["control_acc"] >= best - 1e-9)  # ties: less change
+    assert meta["alpha"] == metrics["chosen_alpha"] == expected
+    assert meta["classes"] == SMALL and meta["dataset"] == "eurosat"
+    assert meta["classnames"] == ["annual crop land", "forest", "brushland or shrubland"]
+    patched, finetuned = load(out / "patched.pt"), load(out / "finetuned.pt")
+    zeroshot = {k[len("visual."):]: v for k, v in initial_model().state_dict().items() if k.startswith("visual.")}
+    for k, v in interpolated(zeroshot, finetuned, expected).items():
+        assert torch.allclose(patched["visual." + k], v, rtol=1e-6, atol=0), k
+    # the control accuracy at alpha 0 is the initial model's zero-shot accuracy, with the folder names as classes
+    model, tok = initial_model(), tokenizer()
+    val = C.load_split("folder", control_root, "val", 0)
+    with torch.no_grad():
+        head = []
+        for name in ("baseball diamond", "beach", "dense residential"):
+            prompts = [f"a satellite photo of {name}.", f"a satellite photo of a {name}.",
+                       f"a satellite photo of the {name}."]
+            head.append(F.normalize(F.normalize(model.encode_text(tok(prompts)), dim=-1).mean(0), dim=0))
+        raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
+        features = F.normalize(model.encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu")), dim=-1)
+    predicted = (features @ torch.stack(head, 1)).argmax(1).numpy()
+    assert rows[0]["control_acc"] == pytest.approx(np.mean(predicted == val.labels))
+
+
+def test_alpha_rule_takes_the_best_mean_and_the_smaller_alpha_on_ties(tmp_path, monkeypatch):
+    root = small_ms(tmp_path)
+    make_eurosat_rgb(tmp_path / "control", per_class=6, classes=["beach", "glacier"], size=32)
+    scripted = [0.2, 0.9, 0.9, 0.5, 0.95, 0.45]  # (task, control) at alpha 0, 0.5, 1: means 0.55, 0.7, 0.7
+    monkeypatch.setattr(stage, "accuracy", lambda *args: scripted.pop(0))
+    out = tmp_path / "out"
+    stage.main(tiny_patch_args(root, out, "eurosat_ms", "--control", "folder",
+                               "--control-root", str(tmp_path / "control" / "eurosat" / "2750")))
+    metrics = json.load(open(out / "metrics.json"))
+    assert [(r["task_acc"], r["control_acc"]) for r in metrics["alphas"]] == [(0.2, 0.9), (0.9, 0.5), (0.95, 0.45)]
+    assert metrics["chosen_alpha"] == json.load(open(out / "patched.json"))["alpha"] == 0.5
+    zeroshot = {k[len("visual."):]: v for k, v in initial_model().state_dict().items() if k.startswith("visual.")}
+    patched, finetuned = load(out / "patched.pt"), load(out / "finetuned.pt")
+    for k, v in interpolated(zeroshot, finetuned, 0.5).items():
+        assert torch.allclose(patched["visual." + k], v, rtol=1e-6, atol=0), k
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_MS), reason=f"{SHARED_MS} (200 real EuroSAT MS tifs) is not present")
+def test_cli_on_real_eurosat_ms_tifs_and_their_rgb_composite(tmp_path):
+    out = tmp_path / "out"
+    stage.main(tiny_patch_args(SHARED_MS, out, "eurosat_ms", "--epochs", "1", "--batch-size", "32",
+                               "--alphas", "0", "1", "--cache", str(tmp_path / "cache")))
+    meta = json.load(open(out / "patched.json"))
+    metrics = json.load(open(out / "metrics.json"))
+    assert meta["classes"] == EUROSAT_CLASSES and metrics["steps"] == 5  # 140 train tifs, 32 a step
+    assert all(0 <= r["task_acc"] <= 1 for r in metrics["alphas"]) and metrics["skipped_files"] == {}
+    # the composite: B04, B03, B02 (index 3, 2, 1 of B01..B12,B8A) x 255/3558, clipped, truncated
+    for path in sorted(glob.glob(os.path.join(SHARED_MS, "*", "*_1.tif"))):
+        ms = tifffile.imread(path)
+        assert ms.shape == (64, 64, 13) and ms.dtype == np.uint16
+        expected = np.floor(np.clip(np.stack([ms[..., 3], ms[..., 2], ms[..., 1]], -1) * 255.0 / 3558, 0, 255))
+        got = C.rgb_composite(torch.from_numpy(ms.astype(np.float32)).permute(2, 0, 1)[None])[0].permute(1, 2, 0)
+        assert torch.equal(got, torch.from_numpy(expected).float()), path
+        assert 0 <= got.min() and got.max() <= 255 and 10 < got.mean() < 200, (path, got.mean())
+        # red, green and blue really are B04, B03, B02: B01 (aerosol) and B10 (cirrus) differ from them
+        assert not np.array_equal(expected[..., 2], np.floor(np.clip(ms[..., 0] * 255.0 / 3558, 0, 255)))
+        assert ms[..., 9].mean() < 0.1 * ms[..., 3].mean()  # B10 (cirrus) is nearly dark
+
+
+# ----------------------------------------------------------------------------- failures: exit 2, one line
+
+
+def test_missing_data_root(tmp_path, capsys):
+    expect_error(capsys, tiny_patch_args(tmp_path / "nowhere", tmp_path / "out"), tmp_path / "nowhere", "--root",
+                 out=tmp_path / "out")
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    root = small_ms(tmp_path)
+    os.makedirs(os.path.join(root, "River"))
+    expect_error(capsys, tiny_patch_args(root, tmp_path / "out"), os.path.join(root, "River"), out=tmp_path / "out")
+
+
+def test_unknown_data(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        stage.main(tiny_patch_args(tmp_path, tmp_path / "out", "sentinel3"))
+    assert e.value.code == 2 and "--data" in capsys.readouterr().err
+
+
+def test_corrupt_jpg_is_named(tmp_path, capsys):
+    root = make_eurosat_rgb(tmp_path / "rgb", per_class=6, classes=SMALL, size=32)
+    train = C.load_split("eurosat", root, "train", 0)
+    bad = os.path.join(train.root, train.files[0])  # the very first file of the split
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[:300])
+    expect_error(capsys, tiny_patch_args(root, tmp_path / "out", "eurosat"), bad, "--skip-bad-files",
+                 out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "3 bands", "float32"])
+def test_bad_tif_is_named(tmp_path, capsys, caplog, kind):
+    root = small_ms(tmp_path)
+    train = C.load_split("eurosat_ms", root, "train", 0)
+    bad = os.path.join(root, train.files[0 if kind != "float32" else 5])
+    image, data = tifffile.imread(bad), open(bad, "rb").read()
+    if kind == "truncated":
+        open(bad, "wb").write(data[:4000])
+    else:
+        tifffile.imwrite(bad, image[..., :3] if kind == "3 bands" else image.astype(np.float32))
+    reason = {"truncated": "cannot read", "3 bands": "(32, 32, 3)", "float32": "float32"}[kind]
+    expect_error(capsys, tiny_patch_args(root, tmp_path / "out"), bad, reason, out=tmp_path / "out")
+    assert not [r for r in caplog.records if r.name == "tifffile"]  # no second line from tifffile's logger
+
+
+def test_missing_or_broken_pretrained_checkpoint(tmp_path, capsys):
+    root = small_ms(tmp_path)
+    expect_error(capsys, tiny_patch_args(root, tmp_path / "a") + ["--pretrained", str(tmp_path / "no.pt")],
+                 "--pretrained", tmp_path / "no.pt", out=tmp_path / "a")
+    torch.save(initial_model().state_dict(), tmp_path / "clip.pt")
+    data = open(tmp_path / "clip.pt", "rb").read()
+    open(tmp_path / "truncated.pt", "wb").write(data[:len(data) // 2])
+    expect_error(capsys, tiny_patch_args(root, tmp_path / "b") + ["--pretrained", str(tmp_path / "truncated.pt")],
+                 "--pretrained", tmp_path / "truncated.pt", out=tmp_path / "b")
+    (tmp_path / "garbage.pt").write_text("this is not a checkpoint\n" * 10)
+    expect_error(capsys, tiny_patch_args(root, tmp_path / "c") + ["--pretrained", str(tmp_path / "garbage.pt")],
+                 "--pretrained", tmp_path / "garbage.pt", out=tmp_path / "c")
+
+
+def test_output_folder_that_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    expect_error(capsys, tiny_patch_args(small_ms(tmp_path), tmp_path / "a_file" / "run"), "--out",
+                 tmp_path / "a_file" / "run")
+
+
+def test_finished_run_needs_overwrite_and_the_same_command_gives_the_same_run(patched_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(patched_run["out"], out)  # the shared run stays as it is
+    before = open(out / "patched.pt", "rb").read()
+    expect_error(capsys, tiny_patch_args(patched_run["root"], out), out, "--overwrite")
+    assert open(out / "patched.pt", "rb").read() == before
+    os.remove(out / "finetuned.pt")
+    stage.main(tiny_patch_args(patched_run["root"], out, "eurosat_ms", "--overwrite"))
+    assert json.load(open(out / "metrics.json")) == json.load(open(os.path.join(patched_run["out"], "metrics.json")))
+    assert state_equal(load(out / "finetuned.pt"), load(os.path.join(patched_run["out"], "finetuned.pt")))
+    assert state_equal(load(out / "patched.pt"), load(os.path.join(patched_run["out"], "patched.pt")))
+    assert C.read_jsonl(out / "log.jsonl") == C.read_jsonl(os.path.join(patched_run["out"], "log.jsonl"))
+
+
+def test_skip_bad_files_skips_a_corrupt_tif_and_records_it(tmp_path, capsys):
+    root = small_ms(tmp_path)
+    train = C.load_split("eurosat_ms", root, "train", 0)
+    bad = os.path.join(root, train.files[0])
+    open(bad, "wb").write(b"II*\0" + b"\0" * 100)
+    stage.main(tiny_patch_args(root, tmp_path / "out", "eurosat_ms", "--skip-bad-files", "--alphas", "0", "1"))
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert list(metrics["skipped_files"]) == [bad] and "(H, W, 13)" in metrics["skipped_files"][bad]
+    assert metrics["steps"] == 2 and os.path.isfile(tmp_path / "out" / "patched.pt")
+    assert "skipped 1 unreadable files" in capsys.readouterr().out
+
+
+def test_cache_refuses_a_corrupt_tif_even_with_skip_bad_files(tmp_path, capsys):
+    root = small_ms(tmp_path)
+    bad = os.path.join(root, C.load_split("eurosat_ms", root, "train", 0).files[2])
+    open(bad, "wb").write(b"II*\0" + b"\0" * 100)
+    expect_error(capsys, tiny_patch_args(root, tmp_path / "out", "eurosat_ms", "--skip-bad-files",
+                                         "--cache", str(tmp_path / "cache")), bad, "--cache", out=tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- NaN, interruption, resume
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    root, out = small_ms(tmp_path), tmp_path / "out"
+    calls = []
+    logits = C.zeroshot_logits
+
+    def nan_at_third_step(features, head, logit_scale):
+        calls.append(1)
+        result = logits(features, head, logit_scale)
+        return result * float("nan") if len(calls) == 3 else result
+    monkeypatch.setattr(C, "zeroshot_logits", nan_at_third_step)
+    message = expect_error(capsys, tiny_patch_args(root, out, "eurosat_ms", "--batch-size", "4", "--save-every", "1"),
+                           "step 2", "last.pt", "--lr", out=out)
+    assert "nan" in message
+    last = load(out / "last.pt")
+    assert (last["step"], last["epoch"], last["batch_in_epoch"]) == (2, 0, 2)
+    assert all(torch.isfinite(v).all() for v in last["visual"].values() if v.is_floating_point())
+    assert not os.path.exists(out / "finetuned.pt")
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, monkeypatch):
+    root = small_ms(tmp_path)
+    argv = lambda out, *extra: tiny_patch_args(root, out, "eurosat_ms", "--batch-size", "4", "--alphas", "0", "1",
+                                               *extra)  # 3 steps an epoch, 6 in all
+    stage.main(argv(tmp_path / "whole"))
+    stop_at = {1, 2}  # SIGTERM while step 1 (0-based) runs, i.e. mid-epoch, and again at the end of epoch 0
+    clip_input = C.clip_input
+
+    def sigterm_during(raw, cfg, device, flip_seed_step=None):
+        if flip_seed_step is not None and flip_seed_step[1] in stop_at:
+            stop_at.discard(flip_seed_step[1])
+            signal.raise_signal(signal.SIGTERM)
+        return clip_input(raw, cfg, device, flip_seed_step)
+    monkeypatch.setattr(C, "clip_input", sigterm_during)
+    out = tmp_path / "parts"
+    for expected_position in ((2, 0, 2), (3, 1, 0)):  # (step, epoch, batch in epoch) of last.pt
+        with pytest.raises(SystemExit) as e:
+            stage.main(argv(out, *(["--resume"] if expected_position[0] > 2 else [])))
+        assert e.value.code == 130 and "--resume" in capsys.readouterr().err
+        last = load(out / "last.pt")
+        assert (last["step"], last["epoch"], last["batch_in_epoch"]) == expected_position
+        assert not os.path.exists(out / "patched.pt")
+        if expected_position[0] == 2:  # other settings than the run's are refused
+            expect_error(capsys, argv(out, "--resume", "--lr", "0.01"), "--lr")
+    stage.main(argv(out, "--resume"))
+    assert state_equal(load(out / "finetuned.pt"), load(tmp_path / "whole" / "finetuned.pt"))
+    assert json.load(open(out / "metrics.json")) == json.load(open(tmp_path / "whole" / "metrics.json"))
+    assert load(out / "patched.pt").keys() == load(tmp_path / "whole" / "patched.pt").keys()
+    assert not os.path.exists(out / "last.pt")
