@@ -1,0 +1,414 @@
+"""Stage 3: evaluate what stages 1 and 2 made, on the test split they held out.
+
+    python 03_eval.py --ckpt runs/align/student.pt --data eurosat_ms    # the aligned student and its teacher
+    python 03_eval.py --ckpt runs/patch/patched.pt --data eurosat       # a patched CLIP on RGB
+    python 03_eval.py --model ViT-B-32 --pretrained openai --data eurosat   # the un-patched baseline
+
+Measures, for each image encoder (clip_rgb: the CLIP on RGB images or on the RGB composites of
+the tifs; student_ms: the student on the 13 bands of the same tifs):
+- zero-shot classification through the CLIP's text head: top-1, top-5, mean per-class recall and
+  per-class accuracy (mean average precision for multi-label data), as LAION's CLIP_benchmark;
+- text -> image retrieval: each class's head vector ranks the test images; mAP and precision@10;
+and for a student, with its teacher CLIP:
+- cross-modal retrieval of the same scenes, MS -> RGB and RGB -> MS: recall@1, 5, 10;
+- the modality gap: distance between the centroids of the normalised MS and RGB embeddings, and
+  the mean cosine of true vs random pairs; before (OUT/student_init.pt, when stage 2 saved it)
+  and after alignment.
+Every image is read once and embedded once by each encoder. Writes OUT/args.json, OUT/metrics.json
+(and OUT/embeddings.pt with --save-embeddings) and appends one JSON line to --results.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common as C
+
+CKPT_HINT = ("pass --ckpt OUT/patched.pt of 01_patch_clip.py or OUT/student.pt of 02_align_s2.py, "
+             "or leave out --ckpt and pass --model/--pretrained for an un-patched CLIP")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="patched.pt of stage 1 or student.pt of stage 2 "
+                   "(default: none, evaluate the un-patched --model/--pretrained)")
+    p.add_argument("--model", default=None, help="open_clip model of the un-patched baseline (default: ViT-B-32)")
+    p.add_argument("--pretrained", default=None, help="its open_clip tag, weights file, or 'none' (default: openai)")
+    p.add_argument("--teacher", default=None, help="the student's teacher (default: the patched.pt it records)")
+    p.add_argument("--data", default=None, choices=C.DATASETS,
+                   help="data set (default: the checkpoint's; eurosat for the baseline)")
+    p.add_argument("--root", default=None, help="its folder (default: data/<name>, see README)")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
+    p.add_argument("--split-seed", type=int, default=None, help="split seed (default: the checkpoint's; baseline: 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--workers", type=int, default=C.default_workers(),
+                   help=f"data loader processes (default: {C.default_workers()}, one per core up to 8)")
+    p.add_argument("--cache", default=None, help="folder for packed, memory-mapped splits (default: none)")
+    p.add_argument("--out", default=None, help="run folder (default: <checkpoint folder>/eval-<data>-<split>; "
+                   "baseline: runs/eval/<model>-<pretrained>-<data>-<split>)")
+    p.add_argument("--results", default="runs/results.jsonl",
+                   help="results log, one JSON line appended per run (default: runs/results.jsonl)")
+    p.add_argument("--save-embeddings", action="store_true", help="also write OUT/embeddings.pt (embeddings, "
+                   "labels, files, zero-shot head, logits)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in --out")
+    p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable images, count them")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return p.parse_args(argv)
+
+
+# ============================================================================ metrics
+
+
+def topk_accuracy(logits, labels, k):
+    """Top-k accuracy (CLIP_benchmark's acc1, acc5): the fraction of images whose label is among
+    their k highest logits; k is capped at the number of classes (CLIP_benchmark has no acc5 then)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def per_class_recall(pred, labels, n_classes):
+    """Per-class accuracy: the fraction of each class's images predicted as that class (NaN for a
+    class without images)."""
+    hits = torch.bincount(labels[pred == labels], minlength=n_classes).double()
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    return hits / counts  # 0/0 = NaN
+
+
+def balanced_accuracy(pred, labels, n_classes):
+    """Mean per-class recall (CLIP_benchmark's mean_per_class_recall, sklearn's
+    balanced_accuracy_score): per-class recall averaged over the classes that have images."""
+    return per_class_recall(pred, labels, n_classes).nanmean().item()
+
+
+def average_precision(scores, positives):
+    """Average precision (sklearn's average_precision_score): AP = sum_n (R_n - R_{n-1}) P_n over
+    the distinct scores n in decreasing order, precision P_n and recall R_n of the images scoring
+    >= n; tied scores form one threshold. NaN when there are no positives."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    s, y = scores[order], positives[order].double()
+    if y.sum() == 0:
+        return math.nan
+    last_of_tie = torch.ones(len(s), dtype=torch.bool)
+    last_of_tie[:-1] = s[1:] != s[:-1]
+    true_pos = y.cumsum(0)[last_of_tie]
+    precision = true_pos / torch.arange(1, len(s) + 1, dtype=torch.double)[last_of_tie]
+    recall = true_pos / true_pos[-1]
+    return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
+
+
+def mean_average_precision(scores, targets):
+    """Mean average precision (CLIP_benchmark's mean_average_precision for multi-label data): AP
+    of each class's column of scores against its 0/1 targets, averaged over the classes with at
+    least one positive. Returns (mAP, per-class APs). Equal to CLIP_benchmark's when no scores tie
+    and every class has positives (it ranks ties in sort order and counts such classes as 0)."""
+    aps = torch.tensor([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
+    return aps.nanmean().item(), aps
+
+
+def precision_at_k(scores, positives, k=10):
+    """Precision@k: the fraction of positives among the k highest-scoring images (the top
+    min(k, N) when fewer); ties at the cut are broken pessimistically (negatives ranked first)."""
+    by_label = torch.argsort(positives.int(), stable=True)  # negatives first, then a stable sort by score
+    order = by_label[torch.argsort(scores[by_label], descending=True, stable=True)]
+    return positives[order[:k]].double().mean().item()
+
+
+def true_match_ranks(queries, gallery, chunk=1024):
+    """Rank (0 = first) of each query's true match, gallery row i for query row i, by cosine
+    similarity: the number of gallery items scoring strictly higher than the true match plus those
+    scoring equal to it (ties counted pessimistically, ranked ahead of the true match)."""
+    q, g = F.normalize(queries.float(), dim=-1), F.normalize(gallery.float(), dim=-1)
+    ranks = []
+    for start in range(0, len(q), chunk):  # (chunk, N) similarities at a time
+        sim = q[start:start + chunk] @ g.T
+        true = sim.diagonal(offset=start)[:, None]
+        ranks.append((sim > true).sum(dim=1) + (sim == true).sum(dim=1) - 1)
+    return torch.cat(ranks)
+
+
+def recall_at_k(ranks, k):
+    """Recall@k of paired retrieval: the fraction of queries whose true match ranks in the top k."""
+    return (ranks < k).float().mean().item()
+
+
+def modality_gap(ms, rgb):
+    """The modality gap (Liang et al. 2022) between paired embeddings: ||mean normalise(ms) -
+    mean normalise(rgb)||_2, the mean cosine of true pairs (row i with row i) and of random pairs
+    (all pairs i != j)."""
+    a, b = F.normalize(ms.double(), dim=-1), F.normalize(rgb.double(), dim=-1)
+    n = len(a)
+    true_pairs = (a * b).sum(dim=1)
+    random_pairs = (a.sum(0) @ b.sum(0) - true_pairs.sum()).item() / (n * (n - 1)) if n > 1 else math.nan
+    return {"centroid_distance": (a.mean(0) - b.mean(0)).norm().item(),
+            "true_pair_cosine": true_pairs.mean().item(), "random_pair_cosine": random_pairs}
+
+
+# ============================================================================ evaluations
+
+
+def as_targets(labels, n_classes):
+    """(N, C) 0/1 targets: multi-label targets as they are, single labels one-hot."""
+    return labels.bool() if labels.ndim == 2 else F.one_hot(labels, n_classes).bool()
+
+
+def zeroshot_metrics(logits, labels, classes):
+    """Zero-shot classification metrics of one encoder, as CLIP_benchmark reports them."""
+    if labels.ndim == 2:
+        mean_ap, aps = mean_average_precision(logits, labels)
+        return {"mean_average_precision": mean_ap, "per_class_ap": dict(zip(classes, aps.tolist()))}
+    pred = logits.argmax(dim=1)
+    return {"acc1": topk_accuracy(logits, labels, 1), "acc5": topk_accuracy(logits, labels, 5),
+            "mean_per_class_recall": balanced_accuracy(pred, labels, len(classes)),
+            "per_class": dict(zip(classes, per_class_recall(pred, labels, len(classes)).tolist()))}
+
+
+def text_to_image(head, features, targets, classes):
+    """Each class's zero-shot head vector as a query over the images: AP and precision@10 per class,
+    their means over the classes with at least one image."""
+    scores = F.normalize(features.float(), dim=-1) @ head
+    mean_ap, aps = mean_average_precision(scores, targets)
+    p10 = torch.tensor([precision_at_k(scores[:, c], targets[:, c], 10) if targets[:, c].any() else math.nan
+                        for c in range(len(classes))])
+    return {"mean_average_precision": mean_ap, "precision_at_10": p10.nanmean().item(),
+            "per_class_ap": dict(zip(classes, aps.tolist()))}
+
+
+def cross_modal(ms, rgb):
+    """Recall@1, 5, 10 of MS -> RGB and RGB -> MS retrieval of the same scenes."""
+    return {name: {f"recall@{k}": recall_at_k(ranks, k) for k in (1, 5, 10)}
+            for name, ranks in (("ms_to_rgb", true_match_ranks(ms, rgb)), ("rgb_to_ms", true_match_ranks(rgb, ms)))}
+
+
+# ============================================================================ checkpoints and data
+
+
+def checkpoint_kind(path):
+    """What --ckpt is, without loading a CLIP: ('baseline', None) when there is none, ('patched',
+    its patched.json) or ('student', its record)."""
+    if path is None:
+        return "baseline", None
+    if not os.path.isfile(path):
+        raise C.UserError(f"--ckpt {path} does not exist; {CKPT_HINT}")
+    try:
+        meta = json.load(open(os.path.splitext(path)[0] + ".json"))
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and meta.get("kind") == "rsclip-align/patched-clip":
+        return "patched", meta
+    record = C.load_torch(path, "--ckpt", CKPT_HINT)
+    if isinstance(record, dict) and record.get("kind") == "rsclip-align/student":
+        return "student", record
+    raise C.UserError(f"--ckpt {path} is of an unknown kind (a patched CLIP needs its patched.json beside it); "
+                      f"{CKPT_HINT}")
+
+
+def read_checkpoint(args):
+    """The checkpoint's kind and metadata; fills in the baseline's model and the student's teacher
+    (--teacher or the path in student.pt, which must hold the weights the student was aligned to)."""
+    kind, info = checkpoint_kind(args.ckpt)
+    if kind != "baseline" and (args.model or args.pretrained):
+        raise C.UserError("--model/--pretrained are for the un-patched baseline; a --ckpt records its own model, "
+                          "drop them")
+    if kind != "student" and args.teacher:
+        raise C.UserError("--teacher is for a student checkpoint; drop it or pass --ckpt OUT/student.pt")
+    if kind == "baseline":
+        args.model, args.pretrained = args.model or "ViT-B-32", args.pretrained or "openai"
+    if kind == "student":
+        args.teacher = args.teacher or info["teacher"]["path"]
+        if not os.path.isfile(args.teacher):
+            raise C.UserError(f"the student's teacher {args.teacher} does not exist; pass --teacher PATH/patched.pt, "
+                              f"the stage-1 output the student was aligned to")
+        if C.sha256_of(args.teacher) != info["teacher"]["weights_sha256"]:
+            raise C.UserError(f"{args.teacher} is not the CLIP that {args.ckpt} was aligned to (other weights); "
+                              f"pass --teacher PATH/patched.pt of that stage-1 run")
+    return kind, info
+
+
+def resolve_data(args, kind, info):
+    """The split to evaluate: the checkpoint's data set and split seed unless overridden."""
+    default_data = {"baseline": "eurosat", "patched": (info or {}).get("dataset"),
+                    "student": (info or {}).get("dataset") or "eurosat_ms"}[kind]
+    data = args.data or default_data
+    seed = info["split_seed"] if info else (args.split_seed or 0)
+    if args.split_seed is not None and args.split_seed != seed:
+        raise C.UserError(f"--split-seed {args.split_seed} differs from the seed {seed} that {args.ckpt} was trained "
+                          f"with: its {args.split} split would overlap the training images; drop --split-seed")
+    scenes = C.load_split(data, args.root, args.split, seed)
+    if info:
+        C.check_classes(info["classes"], scenes, args.ckpt)
+    if kind == "student" and scenes.modality != "ms":
+        raise C.UserError(f"a student reads 13-band Sentinel-2 tifs, --data {data} is RGB; pass --data eurosat_ms")
+    return scenes
+
+
+def load_models(args, kind, info, device):
+    """The CLIP (baseline, patched, or the student's teacher) with its prompts, and the student and
+    the untrained student when there are: a dict."""
+    if kind == "baseline":
+        clip, _, tokenizer, _ = C.load_clip(args.model, args.pretrained, device)
+        return {"clip": clip.eval(), "tokenizer": tokenizer, "meta": None, "student": None, "student_init": None}
+    clip, meta, tokenizer = C.load_teacher(args.ckpt if kind == "patched" else args.teacher, device)
+    models = {"clip": clip, "tokenizer": tokenizer, "meta": meta, "student": None, "student_init": None}
+    if kind == "student":
+        models["student"] = C.load_student(args.ckpt)[0].to(device)
+        init_path = os.path.join(os.path.dirname(args.ckpt), "student_init.pt")
+        if os.path.isfile(init_path):
+            models["student_init"] = C.load_student(init_path)[0].to(device)
+    return models
+
+
+def default_out(args, scenes):
+    """<checkpoint folder>/eval-<data>-<split>, or runs/eval/<model>-<pretrained>-<data>-<split> for the baseline."""
+    name = f"{scenes.dataset}-{args.split}"
+    if args.ckpt:
+        return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval-{name}")
+    pretrained = os.path.splitext(os.path.basename(args.pretrained))[0]  # a tag, or a weights file's name
+    return os.path.join("runs", "eval", f"{args.model}-{pretrained}-{name}")
+
+
+def embed_split(encoders, dataset, args, device, bad):
+    """Every image of the split read once and embedded by each encoder in the same pass, so that
+    row i is the same scene for all: ({name: (N, D) float32 CPU}, labels, dataset indices)."""
+    loader = C.batch_loader(dataset, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
+    all_encoders = lambda raw: torch.cat([encode(raw).float() for encode in encoders.values()], dim=1)
+    features, labels, index = C.embed(all_encoders, loader, lambda raw: raw, device, args.skip_bad_files, bad,
+                                      desc=f"embed {args.split}")
+    return dict(zip(encoders, features.chunk(len(encoders), dim=1))), labels, index
+
+
+# ============================================================================ reporting
+
+
+def print_table(title, columns, rows):
+    """rows: (name, values); numbers with 4 decimals, None or NaN as '-'."""
+    cell = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else (
+        f"{v:.4f}" if isinstance(v, float) else str(v))
+    first = max(len(name) for name, _ in rows) + 2
+    widths = [max(len(c), 6) + 2 for c in columns]
+    print(f"\n{title}\n{'':<{first}}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
+    for name, values in rows:
+        print(f"{name:<{first}}" + "".join(f"{cell(v):>{w}}" for v, w in zip(values, widths)))
+
+
+def clean(obj):
+    """NaN -> None, so that metrics.json and the results log are strict JSON."""
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
+
+
+def flatten(obj, prefix=""):
+    """{'a': {'b': 1}} -> {'a/b': 1}: one column per metric in the results log."""
+    out = {}
+    for k, v in obj.items():
+        out.update(flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+# ============================================================================ main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with C.user_errors(args.debug):
+        run(args)
+
+
+def run(args):
+    # ------------------------------------------------------------------ checkpoint, data, models, run folder
+    device = C.pick_device(args.device)
+    torch.manual_seed(0)  # only a baseline with --pretrained none draws random numbers (its weights)
+    kind, info = read_checkpoint(args)
+    scenes = resolve_data(args, kind, info)
+    args.data, args.split_seed = scenes.dataset, scenes.seed  # as evaluated, for args.json
+    args.out = args.out or default_out(args, scenes)
+    dataset = C.open_images(scenes, args.cache, args.workers)
+    models = load_models(args, kind, info, device)  # all bad input is refused before the run folder is made
+    C.prepare_run_dir(args.out, "metrics.json", args.overwrite)
+    run_info = C.describe_run(args, device)
+    C.write_json(os.path.join(args.out, "args.json"), run_info)
+    print(f"{scenes.dataset} {args.split} split (seed {scenes.seed}): {len(dataset)} images of "
+          f"{len(scenes.classes)} classes from {scenes.root}; checkpoint: {args.ckpt or 'un-patched ' + args.model}")
+
+    # ------------------------------------------------------------------ zero-shot head and image encoders
+    clip, meta = models["clip"], models["meta"]
+    prompts = meta or {"classnames": scenes.classnames, "templates": scenes.templates}
+    head = C.zeroshot_head(clip, models["tokenizer"], prompts["classnames"], prompts["templates"], device).cpu()
+    logit_scale = clip.logit_scale.detach().float().cpu()
+    preprocess_cfg = dict(clip.visual.preprocess_cfg)
+    encoders = {"clip_rgb": lambda raw: clip.encode_image(C.clip_input(raw, preprocess_cfg, device))}
+    for name in ("student", "student_init"):
+        if models[name] is not None:
+            encoders[f"{name}_ms"] = lambda raw, s=models[name]: s(C.ms_input(raw, s.input_size, device))
+
+    # ------------------------------------------------------------------ embeddings (once per encoder)
+    bad = {}
+    features, labels, index = embed_split(encoders, dataset, args, device, bad)
+    targets = as_targets(labels, len(scenes.classes))
+    evaluated = [name for name in features if name != "student_init_ms"]
+
+    # ------------------------------------------------------------------ metrics
+    logits = {name: C.zeroshot_logits(features[name], head, logit_scale) for name in evaluated}
+    metrics = {"zeroshot": {name: zeroshot_metrics(logits[name], labels, scenes.classes) for name in evaluated},
+               "text_to_image": {name: text_to_image(head, features[name], targets, scenes.classes)
+                                 for name in evaluated}}
+    if "student_ms" in features:
+        metrics["cross_modal"] = cross_modal(features["student_ms"], features["clip_rgb"])
+        metrics["modality_gap"] = {"after": modality_gap(features["student_ms"], features["clip_rgb"])}
+        if "student_init_ms" in features:
+            metrics["modality_gap"]["before"] = modality_gap(features["student_init_ms"], features["clip_rgb"])
+    metrics = clean(metrics)
+
+    # ------------------------------------------------------------------ report
+    zs, t2i = metrics["zeroshot"], metrics["text_to_image"]
+    scalars = [m for m, v in zs["clip_rgb"].items() if not isinstance(v, dict)]
+    print_table(f"zero-shot classification: {scenes.dataset} {args.split}, {len(labels)} images", scalars,
+                [(name, [zs[name][m] for m in scalars]) for name in evaluated])
+    table = "per_class" if "per_class" in zs["clip_rgb"] else "per_class_ap"  # accuracy, or AP if multi-label
+    print_table(f"{table.replace('_', ' ')} (zero-shot)", ["images", *evaluated],
+                [(c, [n, *(zs[name][table][c] for name in evaluated)])
+                 for c, n in zip(scenes.classes, targets.sum(dim=0).tolist())])
+    print_table("text -> image retrieval (class prompts as queries)", ["mean_average_precision", "precision_at_10"],
+                [(name, [t2i[name]["mean_average_precision"], t2i[name]["precision_at_10"]]) for name in evaluated])
+    if "cross_modal" in metrics:
+        print_table("cross-modal retrieval of the same scenes", ["recall@1", "recall@5", "recall@10"],
+                    [(d, list(r.values())) for d, r in metrics["cross_modal"].items()])
+        gap = metrics["modality_gap"]
+        print_table("modality gap (student MS vs teacher RGB)", list(gap["after"]),
+                    [(when, list(gap[when].values())) for when in ("before", "after") if when in gap])
+    if bad:
+        print(f"skipped {len(bad)} unreadable files (listed in metrics.json)")
+
+    # ------------------------------------------------------------------ save
+    if kind == "patched":
+        weights_sha256 = meta["weights_sha256"]  # checked against the file by load_teacher
+    else:  # a student's file, or the baseline's weights file (None for an open_clip tag)
+        weights = args.ckpt or args.pretrained
+        weights_sha256 = C.sha256_of(weights) if os.path.isfile(weights) else None
+    setting = {"ckpt": os.path.abspath(args.ckpt) if args.ckpt else None, "ckpt_kind": kind,
+               "ckpt_sha256": weights_sha256,
+               "model": meta["model"] if meta else args.model,
+               "pretrained": meta["pretrained"] if meta else args.pretrained,
+               "teacher": os.path.abspath(args.teacher) if args.teacher else None,
+               "teacher_sha256": info["teacher"]["weights_sha256"] if kind == "student" else None,
+               "data": scenes.dataset, "root": os.path.abspath(scenes.root), "split": args.split,
+               "split_seed": scenes.seed, "n_images": len(labels), "n_classes": len(scenes.classes),
+               "skipped_files": len(bad), "out": os.path.abspath(args.out)}
+    C.write_json(os.path.join(args.out, "metrics.json"),
+                 {**setting, "metrics": metrics, "skipped": bad, "run": run_info})
+    if args.save_embeddings:
+        C.save_torch(os.path.join(args.out, "embeddings.pt"), {
+            "features": features, "logits": logits, "labels": labels, "index": index,
+            "files": [scenes.files[i] for i in index.tolist()], "zeroshot_head": head, "logit_scale": logit_scale})
+    time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    C.append_jsonl(args.results, {"time": time, **setting, **flatten(metrics)})
+    print(f"\nwrote {args.out}/metrics.json; appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
