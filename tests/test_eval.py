@@ -236,6 +236,12 @@ def test_cli_on_student_measures_both_modalities_retrieval_and_gap(patched_run, 
     assert row["cross_modal/ms_to_rgb/recall@5"] == m["cross_modal"]["ms_to_rgb"]["recall@5"]
 
 
+def test_same_command_gives_the_same_metrics(patched_run, student_run, tmp_path):
+    first, _ = cli(tmp_path / "a", "--ckpt", student_run["ckpt"], "--root", patched_run["root"])
+    again, _ = cli(tmp_path / "b", "--ckpt", student_run["ckpt"], "--root", patched_run["root"])
+    assert first["metrics"] == again["metrics"] and first["ckpt_sha256"] == again["ckpt_sha256"]
+
+
 def test_cli_on_student_with_moved_teacher_and_no_init(patched_run, student_run, tmp_path):
     """--teacher finds a teacher that was moved; without student_init.pt there is no 'before' gap."""
     shutil.copytree(patched_run["out"], tmp_path / "moved")
@@ -255,6 +261,14 @@ def test_unknown_checkpoint_kind(patched_run, tmp_path, capsys):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "model.pt")
     expect_user_error(capsys, ["--ckpt", str(tmp_path / "model.pt"), "--root", patched_run["root"]],
                       "unknown kind", "--ckpt", "patched.pt", "student.pt")
+
+
+def test_truncated_checkpoint(student_run, patched_run, tmp_path, capsys):
+    data = open(student_run["ckpt"], "rb").read()
+    open(tmp_path / "student.pt", "wb").write(data[:len(data) // 2])
+    expect_user_error(capsys, ["--ckpt", str(tmp_path / "student.pt"), "--root", patched_run["root"],
+                               "--out", str(tmp_path / "eval")], str(tmp_path / "student.pt"), "truncated")
+    assert not os.path.exists(tmp_path / "eval")
 
 
 @pytest.mark.parametrize("change", ["teacher missing", "teacher differs"])

@@ -1,0 +1,158 @@
+"""Throughput of the data path and the training steps of stages 1 and 2 (a script; pytest does not collect it).
+
+    python tests/benchmark.py --loader-only                     # (a) only: the loader figures in the README
+    python tests/benchmark.py --batch-size 64                   # the CPU step figures in the README
+    python tests/benchmark.py --root data/EuroSAT_MS --model ViT-B-32 --batch-size 256   # on a GPU
+
+Prints, for each stage on the device it finds:
+  (a) the loader alone, images/s, from the tifs and from the packed cache (--cache);
+  (b) the model step alone (device-side preprocessing, forward, loss, backward, AdamW) on a raw
+      batch already on the device, images/s;
+  (c) the real training step fed by the loader, images/s, and the ratio c/b (1.0: the loader
+      never makes the device wait);
+and the teacher's forward pass alone, which stage 2's teacher cache takes out of every step.
+The files are listed --repeat times so a small sample gives long epochs; after the first pass
+they come from the OS page cache, as in the later epochs of a real run.
+"""
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                  "eurosat_ms_sample"), help="EuroSAT MS folder (default: ../shared sample)")
+    p.add_argument("--repeat", type=int, default=40, help="list the files this many times (default: 40)")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model of stage 1 (random weights) (default: ViT-B-32)")
+    p.add_argument("--student", default="vit_small_patch16_224", help="timm student (default: vit_small_patch16_224)")
+    p.add_argument("--input-size", type=int, default=None, help="student input side (default: the model's, 224)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    p.add_argument("--steps", type=int, default=None, help="timed model steps (default: 20 on GPU, 2 on CPU)")
+    p.add_argument("--workers", type=int, default=C.default_workers(), help="loader processes (default: one per core)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--loader-only", action="store_true", help="print (a) only: no models are built")
+    return p.parse_args()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def loader_rate(dataset, args, device, max_images=None):
+    """Images/s of the loader alone (the first batch, which starts the workers, is not timed)."""
+    loader = iter(C.batch_loader(dataset, args.batch_size, shuffle=True, workers=args.workers,
+                                 pin_memory=device.type == "cuda"))
+    next(loader)
+    n, start = 0, time.perf_counter()
+    for batch in loader:
+        n += len(batch["index"])
+        if max_images and n >= max_images:
+            break
+    return n / (time.perf_counter() - start)
+
+
+def step_rates(step, dataset, args, device):
+    """(b) the step on one raw batch already on the device, (c) the step fed by the loader."""
+    raw = dataset[list(range(args.batch_size))]
+    on_device = {"images": raw["images"].to(device), "labels": raw["labels"].to(device), "index": raw["index"]}
+    step(on_device)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(on_device)
+    sync(device)
+    b = args.steps * args.batch_size / (time.perf_counter() - start)
+    loader = iter(C.batch_loader(dataset, args.batch_size, shuffle=True, workers=args.workers,
+                                 drop_last=True, pin_memory=device.type == "cuda"))
+    step(next(loader))
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(next(loader))
+    sync(device)
+    c = args.steps * args.batch_size / (time.perf_counter() - start)
+    return b, c
+
+
+def main():
+    args = parse_args()
+    device = C.pick_device(args.device)
+    args.steps = args.steps or (20 if device.type == "cuda" else 2)
+    C.describe_run(args, device)
+    scenes = C.list_scenes("eurosat_ms", args.root)
+    scenes = replace(scenes, files=scenes.files * args.repeat, labels=np.tile(scenes.labels, args.repeat),
+                     split="benchmark", seed=0)
+    need = (args.steps + 2) * args.batch_size
+    if len(scenes.files) < need:
+        sys.exit(f"--repeat {args.repeat} lists {len(scenes.files)} files, fewer than the {need} needed; raise --repeat")
+    with tempfile.TemporaryDirectory() as cache:
+        tifs = C.open_images(scenes)
+        packed = C.open_images(scenes, cache, args.workers)
+        print(f"\n{len(scenes.files)} tifs listed ({len(set(scenes.files))} distinct), batch {args.batch_size}, "
+              f"{args.workers} workers, device {device}")
+        print(f"(a) loader alone: {loader_rate(tifs, args, device):9.0f} images/s from tifs, "
+              f"{loader_rate(packed, args, device):9.0f} images/s from the packed cache")
+        if args.loader_only:
+            return
+
+        # stage 1: CLIP fine-tuning step (image tower, CE through the frozen zero-shot head)
+        model, preprocess_cfg, _, _ = C.load_clip(args.model, "none", device)
+        head = F.normalize(torch.randn(model.visual.output_dim, len(scenes.classes), device=device), dim=0)
+        opt1 = torch.optim.AdamW(model.visual.parameters(), lr=1e-5)
+
+        def stage1_step(batch):
+            images = C.clip_input(batch["images"], preprocess_cfg, device, flip_seed_step=(0, 0))
+            with C.autocast(device):
+                loss = F.cross_entropy(C.zeroshot_logits(model.encode_image(images), head, model.logit_scale),
+                                       batch["labels"].to(device))
+            opt1.zero_grad(set_to_none=True)
+            loss.backward()
+            opt1.step()
+
+        # stage 2: student step against cached teacher embeddings (alignment_loss)
+        align = importlib.import_module("02_align_s2")
+        student = C.Student(args.student, model.visual.output_dim, args.input_size).to(device)
+        targets = torch.randn(len(scenes.files), model.visual.output_dim)
+        opt2 = torch.optim.AdamW(student.parameters(), lr=1e-4)
+
+        def stage2_step(batch):
+            images = C.ms_input(batch["images"], student.input_size, device)
+            with C.autocast(device):
+                loss, _, _ = align.alignment_loss(student(images), targets[batch["index"]].to(device), head,
+                                                  model.logit_scale.detach(), batch["labels"].to(device), 0.05)
+            opt2.zero_grad(set_to_none=True)
+            loss.backward()
+            opt2.step()
+
+        @torch.no_grad()
+        def teacher_forward(batch):  # what stage 2 would run every step without its teacher cache
+            with C.autocast(device):
+                model.encode_image(C.clip_input(batch["images"], preprocess_cfg, device))
+
+        teacher, _ = step_rates(teacher_forward, packed, args, device)
+        student_b, _ = step_rates(stage2_step, packed, args, device)
+        print(f"stage-2 teacher forward alone: {teacher:8.1f} images/s; the teacher cache saves "
+              f"{1 / teacher / (1 / teacher + 1 / student_b):.0%} of each uncached step after the first epoch")
+        for name, step in ((f"stage 1 ({args.model})", stage1_step), (f"stage 2 ({args.student}, "
+                           f"{student.input_size}px)", stage2_step)):
+            for source, dataset in (("tifs", tifs), ("cache", packed)):
+                b, c = step_rates(step, dataset, args, device)
+                print(f"{name:42s} from {source:5s}: (b) step alone {b:8.1f} images/s  "
+                      f"(c) fed by the loader {c:8.1f} images/s  c/b {c / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()
