@@ -99,12 +99,8 @@ def main(argv=None):
 def run(args, argv=None):
     # ------------------------------------------------------------------ setup
     device = C.pick_device(args.device)
-    C.prepare_run_dir(args.out, "patched.pt", args.overwrite, args.resume)
-    if args.resume:
-        C.check_resume_args(args.out, args, ["data", "model", "pretrained", "batch_size", "lr", "wd", "epochs",
-                                             "max_steps", "warmup", "seed", "split_seed", "augment"])
+    C.check_run_dir(args.out, "patched.pt", args.overwrite, args.resume)
     torch.manual_seed(args.seed)
-    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
     bad = {}  # path -> reason, for --skip-bad-files
 
     # ------------------------------------------------------------------ data
@@ -129,6 +125,11 @@ def run(args, argv=None):
     for p in model.visual.parameters():
         p.requires_grad_(True)
     theta_zeroshot = copy.deepcopy(model.visual.state_dict())
+    # every input is checked: only now is the run folder written to (a broken run leaves it as it was)
+    C.prepare_run_dir(args.out, args.resume)
+    if args.resume:
+        C.check_resume_args(args.out, args)
+    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
 
     # ------------------------------------------------------------------ fine-tuning
     batches_per_epoch = -(-len(train_ds) // args.batch_size)
@@ -139,9 +140,10 @@ def run(args, argv=None):
     optimizer = torch.optim.AdamW(model.visual.parameters(), lr=args.lr, weight_decay=args.wd)
     scheduler = C.cosine_schedule(optimizer, total_steps, warmup_steps)
     step, epoch, start_batch = 0, 0, 0
+    progress = {"running": {"loss": 0.0, "batches": 0}, "history": []}  # this epoch's loss sums, the epoch log
     if args.resume:
-        step, epoch, start_batch = C.load_training_state(args.out, visual=model.visual, optimizer=optimizer,
-                                                         scheduler=scheduler)
+        step, epoch, start_batch, progress = C.load_training_state(args.out, visual=model.visual,
+                                                                   optimizer=optimizer, scheduler=scheduler)
         print(f"resumed {args.out}/last.pt at step {step} (epoch {epoch}, batch {start_batch})")
     print(f"fine-tuning {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")
     state = dict(visual=model.visual, optimizer=optimizer, scheduler=scheduler)
@@ -150,7 +152,7 @@ def run(args, argv=None):
             model.train()
             loader = C.batch_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
                                     start_batch=start_batch, workers=args.workers, pin_memory=device.type == "cuda")
-            losses = []
+            sums = progress["running"]
             this_epoch = epoch
             bar = tqdm(loader, desc=f"epoch {epoch}", initial=start_batch, total=batches_per_epoch)
             for batch_in_epoch, batch in enumerate(bar, start=start_batch + 1):
@@ -170,20 +172,22 @@ def run(args, argv=None):
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                losses.append(loss.item())
+                sums["loss"] += loss.item()
+                sums["batches"] += 1
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if step % args.save_every == 0 or stop.requested:
-                    C.save_training_state(args.out, step, epoch, batch_in_epoch, batches_per_epoch, **state)
+                    C.save_training_state(args.out, step, epoch, batch_in_epoch, progress, **state)
                 if stop.requested:
                     C.exit_interrupted(stop.requested, step, args.out, __file__, argv)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end
                 epoch, start_batch = epoch + 1, 0
-            C.save_training_state(args.out, step, epoch, 0, batches_per_epoch, **state)
-            C.append_jsonl(os.path.join(args.out, "log.jsonl"), {
-                "epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0],
-                "train_loss": sum(losses) / max(1, len(losses))})
+            progress["history"].append({"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+                                        "train_loss": sums["loss"] / max(1, sums["batches"])})
+            C.write_jsonl(os.path.join(args.out, "log.jsonl"), progress["history"])
+            progress["running"] = {"loss": 0.0, "batches": 0}
+            C.save_training_state(args.out, step, epoch, start_batch, progress, **state)
     theta_finetuned = copy.deepcopy(model.visual.state_dict())
     C.save_torch(os.path.join(args.out, "finetuned.pt"), theta_finetuned)
 
@@ -211,13 +215,13 @@ def run(args, argv=None):
     patched = os.path.join(args.out, "patched.pt")
     C.save_torch(patched, model.state_dict())
     C.write_json(os.path.join(args.out, "patched.json"), {
-        "kind": "rsclip-align/patched-clip", "model": args.model, "pretrained": args.pretrained,
+        "kind": "rsclip-align/patched-clip", "model": C.open_clip_name(args.model, quick_gelu), "pretrained": args.pretrained,
         "force_quick_gelu": quick_gelu, "alpha": chosen, "dataset": args.data, "classes": train.classes,
         "classnames": train.classnames, "templates": list(train.templates), "split_seed": args.split_seed,
         "split_fractions": C.SPLIT_FRACTIONS, "preprocess_cfg": preprocess_cfg,
         "weights_sha256": C.sha256_of(patched)})
     C.write_json(os.path.join(args.out, "metrics.json"), {
-        "alphas": rows, "chosen_alpha": chosen, "control": args.control, "steps": step,
+        "epochs": progress["history"], "alphas": rows, "chosen_alpha": chosen, "control": args.control, "steps": step,
         "skipped_files": bad})
     if os.path.exists(os.path.join(args.out, "last.pt")):
         os.remove(os.path.join(args.out, "last.pt"))  # the run is finished; finetuned.pt keeps its weights

@@ -164,12 +164,7 @@ def main(argv=None):
 def run(args, argv=None):
     # ------------------------------------------------------------------ setup
     device = C.pick_device(args.device)
-    C.prepare_run_dir(args.out, "student.pt", args.overwrite, args.resume)
-    if args.resume:
-        C.check_resume_args(args.out, args, ["teacher", "data", "student", "input_size", "student_weights", "ce_weight",
-                                             "batch_size", "lr", "wd", "epochs", "max_steps", "warmup", "seed"])
-    torch.manual_seed(args.seed)
-    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
+    C.check_run_dir(args.out, "student.pt", args.overwrite, args.resume)
     bad = {}  # path -> reason, for --skip-bad-files
 
     # ------------------------------------------------------------------ teacher and its text head
@@ -190,10 +185,16 @@ def run(args, argv=None):
 
     # ------------------------------------------------------------------ student and the teacher's targets
     embed_dim = teacher.visual.output_dim  # CLIP's joint embedding size
+    torch.manual_seed(args.seed)
     student = C.Student(args.student, embed_dim, args.input_size)
     if args.student_weights:
         load_backbone_weights(student, args.student_weights, args.student_weights_bands)
     student.to(device)
+    # every input is checked: only now is the run folder written to (a broken run leaves it as it was)
+    C.prepare_run_dir(args.out, args.resume)
+    if args.resume:
+        C.check_resume_args(args.out, args)
+    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
     record = lambda: C.student_record(student, args.student, meta, args.teacher, args.data)  # noqa: E731
     if not args.resume:
         C.save_torch(os.path.join(args.out, "student_init.pt"), record())
@@ -212,8 +213,9 @@ def run(args, argv=None):
     scheduler = C.cosine_schedule(optimizer, total_steps, warmup_steps)
     state = dict(student=student, optimizer=optimizer, scheduler=scheduler)
     step, epoch, start_batch = 0, 0, 0
+    progress = {"running": {"loss": 0.0, "mse": 0.0, "ce": 0.0, "batches": 0}, "history": []}
     if args.resume:
-        step, epoch, start_batch = C.load_training_state(args.out, **state)
+        step, epoch, start_batch, progress = C.load_training_state(args.out, **state)
         print(f"resumed {args.out}/last.pt at step {step} (epoch {epoch}, batch {start_batch})")
     print(f"training {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")
     with C.StopSignal() as stop:
@@ -221,7 +223,7 @@ def run(args, argv=None):
             student.train()
             loader = C.batch_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
                                     start_batch=start_batch, workers=args.workers, pin_memory=device.type == "cuda")
-            sums = {"loss": 0.0, "mse": 0.0, "ce": 0.0, "batches": 0}
+            sums = progress["running"]  # this epoch's loss sums, kept in last.pt
             this_epoch = epoch
             bar = tqdm(loader, desc=f"epoch {epoch}", initial=start_batch, total=batches_per_epoch)
             for batch_in_epoch, batch in enumerate(bar, start=start_batch + 1):
@@ -245,33 +247,35 @@ def run(args, argv=None):
                 sums["batches"] += 1
                 bar.set_postfix(mse=f"{mse.item():.4f}", ce=f"{ce.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if step % args.save_every == 0 or stop.requested:
-                    C.save_training_state(args.out, step, epoch, batch_in_epoch, batches_per_epoch, **state)
+                    C.save_training_state(args.out, step, epoch, batch_in_epoch, progress, **state)
                 if stop.requested:
                     C.exit_interrupted(stop.requested, step, args.out, __file__, argv)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end
                 epoch, start_batch = epoch + 1, 0
-            C.save_training_state(args.out, step, epoch, 0, batches_per_epoch, **state)
             val_mse, val_acc = validate(student, val_ds, val_targets, head, logit_scale, args, device, bad)
             n = max(1, sums["batches"])
             row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
                    "train_mse": sums["mse"] / n, "train_ce": sums["ce"] / n, "val_mse": val_mse, "val_acc": val_acc}
-            C.append_jsonl(os.path.join(args.out, "log.jsonl"), row)
+            progress["history"].append(row)
+            C.write_jsonl(os.path.join(args.out, "log.jsonl"), progress["history"])
+            progress["running"] = {"loss": 0.0, "mse": 0.0, "ce": 0.0, "batches": 0}
+            C.save_training_state(args.out, step, epoch, start_batch, progress, **state)
             print(f"epoch {this_epoch}: train mse {row['train_mse']:.4f} ce {row['train_ce']:.4f} | "
                   f"val mse {val_mse:.4f} zero-shot acc {val_acc:.4f}")
 
     # ------------------------------------------------------------------ save
     C.save_torch(os.path.join(args.out, "student.pt"), record())
     C.write_json(os.path.join(args.out, "metrics.json"), {
-        "epochs": C.read_jsonl(os.path.join(args.out, "log.jsonl")), "steps": step, "teacher": args.teacher,
+        "epochs": progress["history"], "steps": step, "teacher": args.teacher,
         "teacher_sha256": meta["weights_sha256"], "skipped_files": bad})
     if os.path.exists(os.path.join(args.out, "last.pt")):
         os.remove(os.path.join(args.out, "last.pt"))  # the run is finished; student.pt keeps its weights
     if bad:
         print(f"skipped {len(bad)} unreadable files (listed in metrics.json)")
     print(f"wrote {args.out}/student.pt")
-    return {"student": student, "teacher": teacher, "head": head, "metrics": C.read_jsonl(os.path.join(args.out, "log.jsonl"))}
+    return {"student": student, "teacher": teacher, "head": head, "metrics": progress["history"]}
 
 
 if __name__ == "__main__":

@@ -329,7 +329,12 @@ def run(args):
     args.out = args.out or default_out(args, scenes)
     dataset = C.open_images(scenes, args.cache, args.workers)
     models = load_models(args, kind, info, device)  # all bad input is refused before the run folder is made
-    C.prepare_run_dir(args.out, "metrics.json", args.overwrite)
+    C.check_run_dir(args.out, "metrics.json", args.overwrite)
+    try:  # the results log is appended at the end: make sure that it can be
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+        open(args.results, "a").close()
+    except OSError as e:
+        raise C.UserError(f"cannot write the results log {args.results} ({e.strerror}); pass a writable --results FILE")
     run_info = C.describe_run(args, device)
     C.write_json(os.path.join(args.out, "args.json"), run_info)
     print(f"{scenes.dataset} {args.split} split (seed {scenes.seed}): {len(dataset)} images of "

@@ -441,7 +441,14 @@ def embed(encoder, loader, prepare, device, skip_bad_files=False, bad=None, desc
 
 
 def pick_device(name=None):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device, or CUDA when there is one."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a torch device; pass cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU; drop --device or pass cpu")
+    return device
 
 
 def autocast(device):
@@ -476,13 +483,23 @@ def load_clip(model_name, pretrained, device="cpu", force_quick_gelu=None):
                             f"download or save it again")
         if tag_cfg:
             raise UserError(f"could not fetch the '{pretrained}' weights of {model_name} (offline?); download "
-                            f"them where you can and pass the file with --pretrained PATH")
+                            f"them where you can and pass the file with --model "
+                            f"{open_clip_name(model_name, force_quick_gelu)} --pretrained PATH")
         raise UserError(f"--pretrained {pretrained} does not fit {model_name} ({str(e).splitlines()[0][:200]}); "
                         f"pass the --model it was saved from")
     except Exception as e:
         raise UserError(f"--pretrained {pretrained} is not a readable checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); pass a CLIP state dict saved with torch.save")
     return model, dict(model.visual.preprocess_cfg), open_clip.get_tokenizer(model_name), force_quick_gelu
+
+
+def open_clip_name(model_name, quick_gelu):
+    """The open_clip model name that rebuilds a CLIP as it was trained: OpenAI's weights use
+    QuickGELU, which open_clip's '-quickgelu' configs select (the state dict cannot tell)."""
+    import open_clip
+    if quick_gelu and not model_name.endswith("-quickgelu") and f"{model_name}-quickgelu" in open_clip.list_models():
+        return f"{model_name}-quickgelu"
+    return model_name
 
 
 @torch.no_grad()
@@ -508,10 +525,16 @@ class Student(torch.nn.Module):
     def __init__(self, arch, embed_dim, input_size=None, in_chans=len(S2_BANDS)):
         super().__init__()
         import timm
-        default_size = timm.get_pretrained_cfg(arch).input_size[-1]
+        cfg = timm.get_pretrained_cfg(arch)
+        if cfg is None:
+            raise UserError(f"--student {arch} is not a timm model; see timm.list_models(), e.g. vit_small_patch16_224")
+        default_size = cfg.input_size[-1]
         self.input_size = input_size or default_size
-        size = {"img_size": self.input_size} if self.input_size != default_size else {}  # ViTs only
-        self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0, **size)
+        size = {"img_size": self.input_size} if self.input_size != default_size else {}
+        try:
+            self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0, **size)
+        except TypeError:  # a CNN has no fixed input size: it takes any --input-size as it is
+            self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0)
         self.proj = torch.nn.Linear(self.backbone.num_features, embed_dim)
 
     def forward(self, x):
@@ -605,8 +628,12 @@ def read_jsonl(path):
 
 def append_jsonl(path, row):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+    line = (json.dumps(row, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one write of the whole line: runs that share a results log never interleave their lines
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def load_torch(path, what, fix):
@@ -620,8 +647,9 @@ def load_torch(path, what, fix):
                         f"it may be truncated; {fix}")
 
 
-def prepare_run_dir(out, finished_file, overwrite=False, resume=False):
-    """Create the run folder; refuse to overwrite a finished run, and check it is writable."""
+def check_run_dir(out, finished_file, overwrite=False, resume=False):
+    """Before any work: refuse a folder that holds a finished run (unless --overwrite), a --resume
+    without last.pt, and a folder that cannot be written. Nothing in `out` is changed."""
     try:
         os.makedirs(out, exist_ok=True)
         write_atomic(os.path.join(out, ".write-test"), lambda tmp: open(tmp, "w").close())
@@ -632,8 +660,12 @@ def prepare_run_dir(out, finished_file, overwrite=False, resume=False):
         raise UserError(f"{out} already holds a finished run ({finished_file}); pass --overwrite or another --out")
     if resume and not os.path.isfile(os.path.join(out, "last.pt")):
         raise UserError(f"nothing to resume: {out}/last.pt does not exist; drop --resume to start afresh")
+
+
+def prepare_run_dir(out, resume=False):
+    """Once every input is checked: a fresh run (not --resume) starts a fresh epoch log."""
     if not resume and os.path.exists(os.path.join(out, "log.jsonl")):
-        os.remove(os.path.join(out, "log.jsonl"))  # a fresh run starts a fresh log
+        os.remove(os.path.join(out, "log.jsonl"))
 
 
 def describe_run(args, device):
@@ -657,36 +689,49 @@ def describe_run(args, device):
     return info
 
 
-def save_training_state(out, step, epoch, batch_in_epoch, batches_per_epoch, **states):
-    """The resumable state of a run (weights, optimizer, scheduler, position in the data, RNG)
-    as out/last.pt, written atomically so that a crash never leaves a broken one."""
-    if batch_in_epoch >= batches_per_epoch:  # at an epoch's end: resume at the next one
-        epoch, batch_in_epoch = epoch + 1, 0
+def save_training_state(out, step, epoch, batch_in_epoch, progress, **states):
+    """The resumable state of a run as out/last.pt, written atomically so that a crash never leaves a
+    broken one: weights, optimizer and scheduler (`states`), the position in the data (epoch, batches
+    done in it), the RNG, and `progress` (plain values: the epoch's running loss sums, the epoch log)."""
     save_torch(os.path.join(out, "last.pt"), {
-        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "progress": progress,
         "torch_rng": torch.get_rng_state(), **{k: v.state_dict() for k, v in states.items()}})
 
 
 def load_training_state(out, **states):
-    """Restore what save_training_state() wrote; returns (step, epoch, batch_in_epoch)."""
+    """Restore what save_training_state() wrote; returns (step, epoch, batch_in_epoch, progress)."""
     ckpt = load_torch(os.path.join(out, "last.pt"), "resume checkpoint", "drop --resume to start afresh")
     try:
         for k, v in states.items():
             v.load_state_dict(ckpt[k])
+        progress = ckpt["progress"]
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(f"{out}/last.pt does not match this run ({type(e).__name__}: {str(e)[:160]}); "
                         f"resume with the flags it was started with, or drop --resume")
     torch.set_rng_state(ckpt["torch_rng"])
-    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], progress
 
 
-def check_resume_args(out, args, keys):
-    """A resumed run must keep the settings that shape its results."""
+def write_jsonl(path, rows):
+    """A whole JSON-lines file, written atomically (a run's per-epoch log)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row, sort_keys=True, default=str) + "\n" for row in rows)
+    write_atomic(path, write)
+
+
+RESUME_MAY_CHANGE = {"resume", "overwrite", "debug", "workers", "device", "save_every", "cache"}
+
+
+def check_resume_args(out, args):
+    """A resumed run must keep every setting that shapes its results (all but RESUME_MAY_CHANGE)."""
     saved = json.load(open(os.path.join(out, "args.json")))["args"]
-    changed = [k for k in keys if saved.get(k) != getattr(args, k)]
+    now = json.loads(json.dumps(vars(args), default=str))  # as args.json stores them
+    changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
     if changed:
         raise UserError(f"--resume with other settings than {out}/args.json: "
-                        + ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)}" for k in changed))
+                        + ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)}" for k in changed)
+                        + "; resume with the flags the run was started with")
 
 
 def cosine_schedule(optimizer, total_steps, warmup_steps):

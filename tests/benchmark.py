@@ -108,10 +108,14 @@ def main():
         if args.loader_only:
             return
 
+        # The two training steps below do what the loops of 01_patch_clip.py and 02_align_s2.py do per
+        # batch (device-side preprocessing, autocast forward, loss, backward, grad clip 1.0, AdamW,
+        # scheduler), with a random head; keep them in step with the stages when those change.
         # stage 1: CLIP fine-tuning step (image tower, CE through the frozen zero-shot head)
         model, preprocess_cfg, _, _ = C.load_clip(args.model, "none", device)
         head = F.normalize(torch.randn(model.visual.output_dim, len(scenes.classes), device=device), dim=0)
-        opt1 = torch.optim.AdamW(model.visual.parameters(), lr=1e-5)
+        opt1 = torch.optim.AdamW(model.visual.parameters(), lr=1e-5, weight_decay=0.1)
+        sched1 = C.cosine_schedule(opt1, 1000, 100)
 
         def stage1_step(batch):
             images = C.clip_input(batch["images"], preprocess_cfg, device, flip_seed_step=(0, 0))
@@ -120,13 +124,16 @@ def main():
                                        batch["labels"].to(device))
             opt1.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.visual.parameters(), 1.0)
             opt1.step()
+            sched1.step()
 
         # stage 2: student step against cached teacher embeddings (alignment_loss)
         align = importlib.import_module("02_align_s2")
         student = C.Student(args.student, model.visual.output_dim, args.input_size).to(device)
         targets = torch.randn(len(scenes.files), model.visual.output_dim)
-        opt2 = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        opt2 = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
+        sched2 = C.cosine_schedule(opt2, 1000, 100)
 
         def stage2_step(batch):
             images = C.ms_input(batch["images"], student.input_size, device)
@@ -135,7 +142,9 @@ def main():
                                                   model.logit_scale.detach(), batch["labels"].to(device), 0.05)
             opt2.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt2.step()
+            sched2.step()
 
         @torch.no_grad()
         def teacher_forward(batch):  # what stage 2 would run every step without its teacher cache

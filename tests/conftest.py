@@ -44,6 +44,9 @@ def tiny_clip_config(tmp_path_factory):
     with open(folder / f"{TINY_CLIP}.json", "w") as f:
         json.dump(TINY_CONFIG, f)
     open_clip.add_model_config(str(folder / f"{TINY_CLIP}.json"))
+    with open(folder / f"{TINY_CLIP}-quickgelu.json", "w") as f:  # as open_clip's ViT-B-32-quickgelu
+        json.dump({**TINY_CONFIG, "quick_gelu": True}, f)
+    open_clip.add_model_config(str(folder / f"{TINY_CLIP}-quickgelu.json"))
     torch.set_num_threads(2)
     return TINY_CLIP
 

@@ -304,3 +304,10 @@ def test_flags_that_contradict_the_checkpoint(patched_run, tmp_path, capsys, fla
 def test_student_on_rgb_data(student_run, rgb_root, tmp_path, capsys):
     expect_user_error(capsys, ["--ckpt", student_run["ckpt"], "--data", "eurosat", "--root", rgb_root,
                                "--out", str(tmp_path / "eval")], "--data eurosat_ms")
+
+
+def test_results_log_that_cannot_be_written(patched_run, tmp_path, capsys):
+    open(tmp_path / "a-file", "w").close()  # a folder path through a file fails even for root
+    expect_user_error(capsys, ["--ckpt", patched_run["ckpt"], "--root", patched_run["root"], "--out",
+                               str(tmp_path / "eval"), "--results", str(tmp_path / "a-file" / "results.jsonl")],
+                      "--results", "results.jsonl")

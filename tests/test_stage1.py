@@ -392,7 +392,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, monkeypat
         return clip_input(raw, cfg, device, flip_seed_step)
     monkeypatch.setattr(C, "clip_input", sigterm_during)
     out = tmp_path / "parts"
-    for expected_position in ((2, 0, 2), (3, 1, 0)):  # (step, epoch, batch in epoch) of last.pt
+    for expected_position in ((2, 0, 2), (3, 0, 3)):  # (step, epoch, batches done in it) of last.pt
         with pytest.raises(SystemExit) as e:
             stage.main(argv(out, *(["--resume"] if expected_position[0] > 2 else [])))
         assert e.value.code == 130 and "--resume" in capsys.readouterr().err
@@ -401,8 +401,27 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, monkeypat
         assert not os.path.exists(out / "patched.pt")
         if expected_position[0] == 2:  # other settings than the run's are refused
             expect_error(capsys, argv(out, "--resume", "--lr", "0.01"), "--lr")
+            expect_error(capsys, argv(out, "--resume", "--grad-clip", "0.5"), "--grad-clip")
     stage.main(argv(out, "--resume"))
     assert state_equal(load(out / "finetuned.pt"), load(tmp_path / "whole" / "finetuned.pt"))
     assert json.load(open(out / "metrics.json")) == json.load(open(tmp_path / "whole" / "metrics.json"))
     assert load(out / "patched.pt").keys() == load(tmp_path / "whole" / "patched.pt").keys()
     assert not os.path.exists(out / "last.pt")
+
+
+def test_quickgelu_weights_are_recorded_under_the_name_that_rebuilds_them(tmp_path):
+    """OpenAI's weights need QuickGELU, which a state dict cannot carry: patched.json names open_clip's
+    '-quickgelu' config, so create_model_and_transforms(meta['model'], pretrained=path) gives the same model."""
+    import open_clip
+    assert C.open_clip_name("rsclip-tiny", True) == "rsclip-tiny-quickgelu"
+    assert C.open_clip_name("rsclip-tiny", False) == "rsclip-tiny"
+    assert C.open_clip_name("ViT-B-32", True) == "ViT-B-32-quickgelu"
+    torch.manual_seed(0)
+    model = open_clip.create_model("rsclip-tiny", force_quick_gelu=True).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    x = torch.rand(2, 3, 32, 32)
+    same, _, _ = open_clip.create_model_and_transforms(C.open_clip_name("rsclip-tiny", True), pretrained=str(tmp_path / "w.pt"))
+    plain, _, _ = open_clip.create_model_and_transforms("rsclip-tiny", pretrained=str(tmp_path / "w.pt"))
+    with torch.no_grad():
+        assert torch.equal(same.eval().encode_image(x), model.encode_image(x))
+        assert not torch.allclose(plain.eval().encode_image(x), model.encode_image(x))  # GELU: another model

@@ -169,6 +169,11 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(aligned, patched_run, 
     resumed = torch.load(tmp_path / "run" / "student.pt", weights_only=True)["state_dict"]
     for k, v in aligned["student"].state_dict().items():
         assert torch.allclose(resumed[k], v, atol=1e-6), k
+    # the per-epoch log too: the interrupted epoch's loss sums were kept in last.pt
+    epochs = json.load(open(tmp_path / "run" / "metrics.json"))["epochs"]
+    assert [row.keys() for row in epochs] == [row.keys() for row in aligned["metrics"]]
+    for row, whole in zip(epochs, aligned["metrics"]):
+        assert row == {k: pytest.approx(v, rel=1e-5) for k, v in whole.items()}
 
 
 def test_same_command_gives_the_same_metrics(aligned, patched_run, tmp_path):
@@ -226,3 +231,22 @@ def test_nan_loss_stops_and_keeps_the_finished_student(aligned, patched_run, tmp
     assert "nan" in line
     assert C.sha256_of(str(out / "student.pt")) == finished  # the finished checkpoint is not touched
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2  # the last good state is kept
+
+
+@pytest.mark.parametrize("flags, word", [(["--student", "bogus_net"], "--student"), (["--device", "tpu9"], "--device")])
+def test_bad_student_or_device_flag_is_one_line(tmp_path, patched_run, capsys, flags, word):
+    expect_error(capsys, align_args(patched_run, tmp_path / "out", *flags, epochs=1), word)
+
+
+def test_a_cnn_student_takes_any_input_size():
+    student = C.Student("resnet18", 32, input_size=32)
+    assert student(torch.rand(2, 13, 32, 32)).shape == (2, 32) and student.input_size == 32
+
+
+def test_a_failed_overwrite_leaves_the_finished_run_as_it_was(aligned, patched_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(aligned["out"], out)
+    before = {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))}
+    expect_error(capsys, align_args(patched_run, out, "--overwrite", "--seed", "7",
+                                    "--student-weights", str(tmp_path / "missing.pth")), "missing.pth")
+    assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
