@@ -175,19 +175,15 @@ def run(args, argv=None):
                 sums["loss"] += loss.item()
                 sums["batches"] += 1
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if step % args.save_every == 0 or stop.requested:
-                    C.save_training_state(args.out, step, epoch, batch_in_epoch, progress, **state)
-                if stop.requested:
-                    C.exit_interrupted(stop.requested, step, args.out, __file__, argv)
+                C.checkpoint_step(args.out, step, epoch, batch_in_epoch, progress, stop, args.save_every,
+                                  __file__, argv, **state)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end
                 epoch, start_batch = epoch + 1, 0
-            progress["history"].append({"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0],
-                                        "train_loss": sums["loss"] / max(1, sums["batches"])})
-            C.write_jsonl(os.path.join(args.out, "log.jsonl"), progress["history"])
-            progress["running"] = {"loss": 0.0, "batches": 0}
-            C.save_training_state(args.out, step, epoch, start_batch, progress, **state)
+            row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+                   "train_loss": sums["loss"] / max(1, sums["batches"])}
+            C.end_epoch(args.out, row, step, epoch, start_batch, progress, **state)
     theta_finetuned = copy.deepcopy(model.visual.state_dict())
     C.save_torch(os.path.join(args.out, "finetuned.pt"), theta_finetuned)
 

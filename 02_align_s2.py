@@ -246,10 +246,8 @@ def run(args, argv=None):
                     sums[name] += value.item()
                 sums["batches"] += 1
                 bar.set_postfix(mse=f"{mse.item():.4f}", ce=f"{ce.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if step % args.save_every == 0 or stop.requested:
-                    C.save_training_state(args.out, step, epoch, batch_in_epoch, progress, **state)
-                if stop.requested:
-                    C.exit_interrupted(stop.requested, step, args.out, __file__, argv)
+                C.checkpoint_step(args.out, step, epoch, batch_in_epoch, progress, stop, args.save_every,
+                                  __file__, argv, **state)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end
@@ -258,10 +256,7 @@ def run(args, argv=None):
             n = max(1, sums["batches"])
             row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
                    "train_mse": sums["mse"] / n, "train_ce": sums["ce"] / n, "val_mse": val_mse, "val_acc": val_acc}
-            progress["history"].append(row)
-            C.write_jsonl(os.path.join(args.out, "log.jsonl"), progress["history"])
-            progress["running"] = {"loss": 0.0, "mse": 0.0, "ce": 0.0, "batches": 0}
-            C.save_training_state(args.out, step, epoch, start_batch, progress, **state)
+            C.end_epoch(args.out, row, step, epoch, start_batch, progress, **state)
             print(f"epoch {this_epoch}: train mse {row['train_mse']:.4f} ce {row['train_ce']:.4f} | "
                   f"val mse {val_mse:.4f} zero-shot acc {val_acc:.4f}")
 

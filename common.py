@@ -712,6 +712,22 @@ def load_training_state(out, **states):
     return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], progress
 
 
+def checkpoint_step(out, step, epoch, batch_in_epoch, progress, stop, save_every, script, argv, **states):
+    """After a training step: last.pt every `save_every` steps; after Ctrl-C or SIGTERM, last.pt and exit 130."""
+    if step % save_every == 0 or stop.requested:
+        save_training_state(out, step, epoch, batch_in_epoch, progress, **states)
+    if stop.requested:
+        exit_interrupted(stop.requested, step, out, script, argv)
+
+
+def end_epoch(out, row, step, epoch, batch_in_epoch, progress, **states):
+    """An epoch's row into the run's log (OUT/log.jsonl and last.pt); its running sums start again at 0."""
+    progress["history"].append(row)
+    write_jsonl(os.path.join(out, "log.jsonl"), progress["history"])
+    progress["running"] = {k: type(v)(0) for k, v in progress["running"].items()}
+    save_training_state(out, step, epoch, batch_in_epoch, progress, **states)
+
+
 def write_jsonl(path, rows):
     """A whole JSON-lines file, written atomically (a run's per-epoch log)."""
     def write(tmp):
