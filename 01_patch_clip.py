@@ -10,9 +10,12 @@
 3. Interpolate every weight of the image tower, theta(a) = (1 - a) theta_zs + a theta_ft, for each
    a in --alphas; evaluate each on the task's validation split and, with --control, zero-shot on a
    control data set; keep the a that maximises their mean (PAINT's rule).
-Writes OUT/args.json, log.jsonl, metrics.json, finetuned.pt (image tower), and patched.pt, a full
-CLIP state dict that open_clip.create_model_and_transforms(model, pretrained="patched.pt") loads,
-with patched.json beside it (model, alpha, classes, split) for the later stages.
+Writes OUT/args.json, log.jsonl, metrics.json, finetuned.pt (the fine-tuned image tower) and the
+patched CLIP in open_clip's own folder format: open_clip_config.json (model config and
+preprocessing) and open_clip_model.safetensors, so that
+open_clip.create_model_and_transforms("local-dir:OUT") rebuilds it; patched.json (alpha, classes,
+prompts, split, weights hash) is written last and marks the run as finished. Stages 2 and 3 take
+OUT as --teacher / --ckpt.
 """
 import argparse
 import copy
@@ -20,7 +23,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common as C
 
@@ -67,17 +69,22 @@ def parse_args(argv=None):
 
 
 def interpolate_weights(theta_0, theta_1, alpha):
-    """PAINT's patch: theta(alpha) = (1 - alpha) * theta_0 + alpha * theta_1 for every
-    floating-point tensor; integer buffers must agree and are kept."""
+    """PAINT's patch: theta(alpha) = (1 - alpha) * theta_0 + alpha * theta_1 for every tensor of the
+    image tower. Integer tensors are counters, not weights (BatchNorm's num_batches_tracked in the
+    ResNet CLIPs, which fine-tuning advances): they get the same formula rounded to a whole number,
+    so alpha 0 and 1 give back each end exactly. BatchNorm reads that counter only when its
+    momentum is None, which no open_clip model uses, so it never changes an output."""
     assert theta_0.keys() == theta_1.keys(), "zero-shot and fine-tuned weights have different keys"
     patched = {}
     for key, w0 in theta_0.items():
         w1 = theta_1[key]
         if w0.is_floating_point():
             patched[key] = (1 - alpha) * w0 + alpha * w1
-        else:
-            assert torch.equal(w0, w1), f"non-float tensor {key} differs"
+        elif w0.dtype == torch.bool:
+            assert torch.equal(w0, w1), f"boolean tensor {key} differs"
             patched[key] = w0.clone()
+        else:
+            patched[key] = torch.round((1 - alpha) * w0.double() + alpha * w1.double()).to(w0.dtype)
     return patched
 
 
@@ -92,14 +99,14 @@ def accuracy(model, head, dataset, preprocess_cfg, args, device, bad):
 
 def main(argv=None):
     args = parse_args(argv)
-    with C.user_errors(args.debug):
-        run(args, argv)
+    with C.Session(args.debug) as session:
+        run(args, argv, session)
 
 
-def run(args, argv=None):
+def run(args, argv, session):
     # ------------------------------------------------------------------ setup
     device = C.pick_device(args.device)
-    C.check_run_dir(args.out, "patched.pt", args.overwrite, args.resume)
+    C.check_run_dir(args.out, "patched.json", args.overwrite, args.resume)
     torch.manual_seed(args.seed)
     bad = {}  # path -> reason, for --skip-bad-files
 
@@ -116,7 +123,8 @@ def run(args, argv=None):
           f"from {train.root}" + (f"; control {args.control}: {len(control_ds)} val images" if control else ""))
 
     # ------------------------------------------------------------------ model and zero-shot head
-    model, preprocess_cfg, tokenizer, quick_gelu = C.load_clip(args.model, args.pretrained, device)
+    model, tokenizer, clip_config = C.load_clip(args.model, args.pretrained, device)
+    preprocess_cfg = model.visual.preprocess_cfg  # the tag's (or the local-dir's) own preprocessing
     head = C.zeroshot_head(model, tokenizer, train.classnames, train.templates, device)
     control_head = C.zeroshot_head(model, tokenizer, control.classnames, control.templates, device) \
         if control else None
@@ -125,13 +133,10 @@ def run(args, argv=None):
     for p in model.visual.parameters():
         p.requires_grad_(True)
     theta_zeroshot = copy.deepcopy(model.visual.state_dict())
-    # every input is checked: only now is the run folder written to (a broken run leaves it as it was)
-    C.prepare_run_dir(args.out, args.resume)
-    if args.resume:
-        C.check_resume_args(args.out, args)
-    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
 
-    # ------------------------------------------------------------------ fine-tuning
+    # ------------------------------------------------------------------ run folder (every input is checked)
+    C.lock_run_dir(session, args.out, args.resume, stale=("last.pt", "log.jsonl", "alphas.jsonl"))
+    session.on_stop = C.stop_note(args.out, __file__, argv)
     batches_per_epoch = -(-len(train_ds) // args.batch_size)
     total_steps = args.epochs * batches_per_epoch
     if args.max_steps is not None:
@@ -139,22 +144,33 @@ def run(args, argv=None):
     warmup_steps = min(args.warmup, total_steps // 10)
     optimizer = torch.optim.AdamW(model.visual.parameters(), lr=args.lr, weight_decay=args.wd)
     scheduler = C.cosine_schedule(optimizer, total_steps, warmup_steps)
+    state = dict(visual=model.visual, optimizer=optimizer, scheduler=scheduler)
     step, epoch, start_batch = 0, 0, 0
     progress = {"running": {"loss": 0.0, "batches": 0}, "history": []}  # this epoch's loss sums, the epoch log
     if args.resume:
-        step, epoch, start_batch, progress = C.load_training_state(args.out, visual=model.visual,
-                                                                   optimizer=optimizer, scheduler=scheduler)
-        print(f"resumed {args.out}/last.pt at step {step} (epoch {epoch}, batch {start_batch})")
-    print(f"fine-tuning {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")
-    state = dict(visual=model.visual, optimizer=optimizer, scheduler=scheduler)
-    with C.StopSignal() as stop:
+        step, epoch, start_batch, progress = C.load_training_state(args.out, args, **state)
+        print(f"resumed {args.out}/last.pt: " + (f"step {step} of {total_steps} (epoch {epoch}, batch {start_batch})"
+              if step < total_steps else "training had finished; going on with the alpha sweep"))
+    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
+
+    # ------------------------------------------------------------------ fine-tuning
+    def close_epoch(this_epoch):
+        sums = progress["running"]
+        row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+               "train_loss": sums["loss"] / max(1, sums["batches"])}
+        C.end_epoch(args.out, args, row, step, epoch, start_batch, progress, **state)
+        print(f"epoch {this_epoch}: train loss {row['train_loss']:.4f} (step {step}, lr {row['lr']:.2e})")
+
+    if step < total_steps:
+        print(f"fine-tuning {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")
+    with session.deferred():  # Ctrl-C / SIGTERM: finish the step, save last.pt, stop
         while step < total_steps:
             model.train()
             loader = C.batch_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
                                     start_batch=start_batch, workers=args.workers, pin_memory=device.type == "cuda")
             sums = progress["running"]
             this_epoch = epoch
-            bar = tqdm(loader, desc=f"epoch {epoch}", initial=start_batch, total=batches_per_epoch)
+            bar = C.progress_bar(loader, desc=f"epoch {epoch}", initial=start_batch, total=batches_per_epoch)
             for batch_in_epoch, batch in enumerate(bar, start=start_batch + 1):
                 C.check_bad_files(batch, args.skip_bad_files, bad)
                 if len(batch["index"]) == 0:
@@ -175,28 +191,32 @@ def run(args, argv=None):
                 sums["loss"] += loss.item()
                 sums["batches"] += 1
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                C.checkpoint_step(args.out, step, epoch, batch_in_epoch, progress, stop, args.save_every,
-                                  __file__, argv, **state)
+                C.checkpoint_step(session, args.out, args, step, epoch, batch_in_epoch, progress, **state)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end
                 epoch, start_batch = epoch + 1, 0
-            row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0],
-                   "train_loss": sums["loss"] / max(1, sums["batches"])}
-            C.end_epoch(args.out, row, step, epoch, start_batch, progress, **state)
+            close_epoch(this_epoch)
+        if progress["running"]["batches"]:  # stopped on the very last step: its epoch's row is still to write
+            close_epoch(epoch)
     theta_finetuned = copy.deepcopy(model.visual.state_dict())
     C.save_torch(os.path.join(args.out, "finetuned.pt"), theta_finetuned)
 
     # ------------------------------------------------------------------ patching
     alphas = sorted(set(args.alphas) | ({args.alpha} if not control else set()))
+    done_path = os.path.join(args.out, "alphas.jsonl")  # the sweep so far: a resumed run skips these
+    done = {round(row["alpha"], 6): row for row in C.read_jsonl(done_path)} if os.path.exists(done_path) else {}
     rows = []
     print(f"{'alpha':>6} {'task':>8} {'control':>8}")
     for alpha in alphas:
-        model.visual.load_state_dict(interpolate_weights(theta_zeroshot, theta_finetuned, alpha))
-        model.eval()
-        row = {"alpha": alpha, "task_acc": accuracy(model, head, val_ds, preprocess_cfg, args, device, bad)}
-        if control:
-            row["control_acc"] = accuracy(model, control_head, control_ds, preprocess_cfg, args, device, bad)
+        row = done.get(round(alpha, 6))
+        if row is None:
+            model.visual.load_state_dict(interpolate_weights(theta_zeroshot, theta_finetuned, alpha))
+            model.eval()
+            row = {"alpha": alpha, "task_acc": accuracy(model, head, val_ds, preprocess_cfg, args, device, bad)}
+            if control:
+                row["control_acc"] = accuracy(model, control_head, control_ds, preprocess_cfg, args, device, bad)
+            C.append_jsonl(done_path, row)
         rows.append(row)
         print(f"{alpha:6.2f} {row['task_acc']:8.4f} " + (f"{row['control_acc']:8.4f}" if control else f"{'-':>8}"))
     if control:  # PAINT: the alpha with the best mean of task and control accuracy (the smallest on ties)
@@ -208,22 +228,22 @@ def run(args, argv=None):
 
     # ------------------------------------------------------------------ save
     model.visual.load_state_dict(interpolate_weights(theta_zeroshot, theta_finetuned, chosen))
-    patched = os.path.join(args.out, "patched.pt")
-    C.save_torch(patched, model.state_dict())
-    C.write_json(os.path.join(args.out, "patched.json"), {
-        "kind": "rsclip-align/patched-clip", "model": C.open_clip_name(args.model, quick_gelu), "pretrained": args.pretrained,
-        "force_quick_gelu": quick_gelu, "alpha": chosen, "dataset": args.data, "classes": train.classes,
-        "classnames": train.classnames, "templates": list(train.templates), "split_seed": args.split_seed,
-        "split_fractions": C.SPLIT_FRACTIONS, "preprocess_cfg": preprocess_cfg,
-        "weights_sha256": C.sha256_of(patched)})
+    weights = C.save_clip(model, clip_config, args.out)  # open_clip's folder format: "local-dir:OUT"
     C.write_json(os.path.join(args.out, "metrics.json"), {
         "epochs": progress["history"], "alphas": rows, "chosen_alpha": chosen, "control": args.control, "steps": step,
         "skipped_files": bad})
-    if os.path.exists(os.path.join(args.out, "last.pt")):
-        os.remove(os.path.join(args.out, "last.pt"))  # the run is finished; finetuned.pt keeps its weights
+    C.write_json(os.path.join(args.out, "patched.json"), {  # written last: it marks the run as finished
+        "kind": "rsclip-align/patched-clip", "model": C.open_clip_name(args.model, clip_config.get("quick_gelu")),
+        "pretrained": args.pretrained, "alpha": chosen, "dataset": args.data, "classes": train.classes,
+        "classnames": train.classnames, "templates": list(train.templates), "split_seed": args.split_seed,
+        "split_fractions": C.SPLIT_FRACTIONS, "preprocess_cfg": preprocess_cfg,
+        "weights": C.OPEN_CLIP_WEIGHTS, "weights_sha256": C.sha256_of(weights)})
+    for scratch in ("last.pt", "alphas.jsonl"):  # the run is finished; finetuned.pt keeps the fine-tuned tower
+        if os.path.exists(os.path.join(args.out, scratch)):
+            os.remove(os.path.join(args.out, scratch))
     if bad:
         print(f"skipped {len(bad)} unreadable files (listed in metrics.json)")
-    print(f"wrote {patched} (alpha {chosen})")
+    print(f"wrote {args.out}: patched CLIP (alpha {chosen}); open_clip loads it as \"local-dir:{args.out}\"")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Stage 2: align a 13-band Sentinel-2 encoder to the patched CLIP (Zavras et al. 2024, Sec. 3.2).
 
-    python 02_align_s2.py --teacher runs/patch/patched.pt --data eurosat_ms            # the paper's setting
-    python 02_align_s2.py --teacher runs/patch/patched.pt --student-weights \\
+    python 02_align_s2.py --teacher runs/patch --data eurosat_ms            # the paper's setting
+    python 02_align_s2.py --teacher runs/patch --student-weights \\
         B13_vits16_dino_0099_ckpt.pth                                                 # SSL4EO-S12 init
-    python 02_align_s2.py --teacher runs/smoke/patch/patched.pt --data eurosat_ms \\
+    python 02_align_s2.py --teacher runs/smoke/patch --data eurosat_ms \\
         --root ../shared/data/eurosat_ms_sample --input-size 64 --epochs 1 --out runs/smoke/align  # CPU smoke run
 
 The teacher, the image tower of stage 1's patched CLIP, frozen, sees the RGB composite of each
@@ -23,14 +23,13 @@ import os
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common as C
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="runs/patch/patched.pt", help="stage 1's patched.pt (default: runs/patch/patched.pt)")
+    p.add_argument("--teacher", default="runs/patch", help="stage 1's run folder, the patched CLIP (default: runs/patch)")
     p.add_argument("--data", default="eurosat_ms", choices=["eurosat_ms"], help="13-band data set (default: eurosat_ms)")
     p.add_argument("--root", default=None, help="its folder (default: data/EuroSAT_MS, see README)")
     p.add_argument("--student", default="vit_small_patch16_224", help="timm architecture (default: vit_small_patch16_224)")
@@ -82,22 +81,31 @@ def load_backbone_weights(student, path, bands):
     'model' / 'state_dict' / 'teacher', with prefixes such as 'module.' or 'backbone.' stripped.
     The patch embedding's input channels are reordered from `bands` to S2_BANDS, and a position
     embedding of another grid size is resampled. Stops when a shape disagrees or when fewer than
-    90% of the backbone's tensors would load."""
+    90% of the backbone's tensors would load, or when two tensors would load into one (a MoCo
+    checkpoint loads its base encoder, not the momentum encoder)."""
     ckpt = C.load_torch(path, "student weights", "pass an SSL4EO-S12-style checkpoint with --student-weights")
     for key in ("model", "state_dict", "teacher"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
     target = student.backbone.state_dict()
-    loaded, unexpected = {}, []
-    for key, value in ckpt.items():
+    loaded, source, unexpected = {}, {}, []
+    momentum = {k for k in ckpt if "momentum_encoder." in k}  # MoCo keeps two encoders: use the base one,
+    for key in ckpt:                                           # the one SSL4EO-S12 and MoCo v3 evaluate
+        if key in momentum:
+            continue
         name = key
         while name not in target and "." in name:  # strip 'module.', 'backbone.', 'base_encoder.', ...
             name = name.split(".", 1)[1]
-        if name in target:
-            loaded[name] = value
-        else:
+        if name not in target:
             unexpected.append(key)
+        elif name in loaded:
+            raise C.UserError(f"--student-weights {path}: both {source[name]} and {key} would load into {name}; "
+                              f"pass a checkpoint with one encoder (or a plain state dict of it)")
+        else:
+            loaded[name], source[name] = ckpt[key], key
+    if momentum:
+        print(f"skipped the {len(momentum)} tensors of the MoCo momentum encoder; loading the base encoder")
     proj = "patch_embed.proj.weight"
     if proj in loaded and bands == "ssl4eo" and loaded[proj].shape[1] == len(C.S2_BANDS):
         loaded[proj] = loaded[proj][:, [C.SSL4EO_BANDS.index(b) for b in C.S2_BANDS]]
@@ -126,8 +134,8 @@ def teacher_embeddings(teacher, meta, dataset, scenes, args, device, bad):
     """The teacher's embedding of the RGB composite of every image of a split, in dataset order,
     computed once and cached in a file keyed on the teacher's weights, the data, split and
     preprocessing (the teacher is frozen and sees no augmentation). Rows of skipped files are NaN."""
-    key = {"teacher_sha256": meta["weights_sha256"], "scenes": C.scenes_key(scenes),
-           "preprocess_cfg": meta["preprocess_cfg"]}
+    preprocess_cfg = teacher.visual.preprocess_cfg  # as open_clip rebuilt it from stage 1's folder
+    key = {"teacher_sha256": meta["weights_sha256"], "scenes": C.scenes_key(scenes), "preprocess_cfg": preprocess_cfg}
     path = os.path.join(args.cache or args.out, f"teacher-{C.sha256_of(key)[:16]}.pt")
     if os.path.isfile(path):
         cached = C.load_torch(path, "teacher cache", f"delete {path}")
@@ -135,7 +143,7 @@ def teacher_embeddings(teacher, meta, dataset, scenes, args, device, bad):
             return cached["embeddings"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     loader = C.batch_loader(dataset, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
-    features, _, index = C.embed(teacher.encode_image, loader, lambda raw: C.clip_input(raw, meta["preprocess_cfg"], device),
+    features, _, index = C.embed(teacher.encode_image, loader, lambda raw: C.clip_input(raw, preprocess_cfg, device),
                                  device, args.skip_bad_files, bad, desc=f"teacher {scenes.split}")
     embeddings = torch.full((len(dataset), features.shape[1]), float("nan"))
     embeddings[index] = features
@@ -157,11 +165,11 @@ def validate(student, dataset, teacher_emb, head, logit_scale, args, device, bad
 
 def main(argv=None):
     args = parse_args(argv)
-    with C.user_errors(args.debug):
-        return run(args, argv)
+    with C.Session(args.debug) as session:
+        return run(args, argv, session)
 
 
-def run(args, argv=None):
+def run(args, argv, session):
     # ------------------------------------------------------------------ setup
     device = C.pick_device(args.device)
     C.check_run_dir(args.out, "student.pt", args.overwrite, args.resume)
@@ -190,11 +198,10 @@ def run(args, argv=None):
     if args.student_weights:
         load_backbone_weights(student, args.student_weights, args.student_weights_bands)
     student.to(device)
-    # every input is checked: only now is the run folder written to (a broken run leaves it as it was)
-    C.prepare_run_dir(args.out, args.resume)
-    if args.resume:
-        C.check_resume_args(args.out, args)
-    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
+
+    # ------------------------------------------------------------------ run folder (every input is checked)
+    C.lock_run_dir(session, args.out, args.resume)
+    session.on_stop = C.stop_note(args.out, __file__, argv)
     record = lambda: C.student_record(student, args.student, meta, args.teacher, args.data)  # noqa: E731
     if not args.resume:
         C.save_torch(os.path.join(args.out, "student_init.pt"), record())
@@ -215,17 +222,29 @@ def run(args, argv=None):
     step, epoch, start_batch = 0, 0, 0
     progress = {"running": {"loss": 0.0, "mse": 0.0, "ce": 0.0, "batches": 0}, "history": []}
     if args.resume:
-        step, epoch, start_batch, progress = C.load_training_state(args.out, **state)
-        print(f"resumed {args.out}/last.pt at step {step} (epoch {epoch}, batch {start_batch})")
+        step, epoch, start_batch, progress = C.load_training_state(args.out, args, **state)
+        print(f"resumed {args.out}/last.pt at step {step} of {total_steps} (epoch {epoch}, batch {start_batch})")
+    C.write_json(os.path.join(args.out, "args.json"), C.describe_run(args, device))
+
+    def close_epoch(this_epoch):
+        sums = progress["running"]  # this epoch's loss sums, kept in last.pt
+        val_mse, val_acc = validate(student, val_ds, val_targets, head, logit_scale, args, device, bad)
+        n = max(1, sums["batches"])
+        row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
+               "train_mse": sums["mse"] / n, "train_ce": sums["ce"] / n, "val_mse": val_mse, "val_acc": val_acc}
+        C.end_epoch(args.out, args, row, step, epoch, start_batch, progress, **state)
+        print(f"epoch {this_epoch}: train mse {row['train_mse']:.4f} ce {row['train_ce']:.4f} | "
+              f"val mse {val_mse:.4f} zero-shot acc {val_acc:.4f}")
+
     print(f"training {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")
-    with C.StopSignal() as stop:
+    with session.deferred():  # Ctrl-C / SIGTERM: finish the step, save last.pt, stop
         while step < total_steps:
             student.train()
             loader = C.batch_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
                                     start_batch=start_batch, workers=args.workers, pin_memory=device.type == "cuda")
-            sums = progress["running"]  # this epoch's loss sums, kept in last.pt
+            sums = progress["running"]
             this_epoch = epoch
-            bar = tqdm(loader, desc=f"epoch {epoch}", initial=start_batch, total=batches_per_epoch)
+            bar = C.progress_bar(loader, desc=f"epoch {epoch}", initial=start_batch, total=batches_per_epoch)
             for batch_in_epoch, batch in enumerate(bar, start=start_batch + 1):
                 C.check_bad_files(batch, args.skip_bad_files, bad)
                 if len(batch["index"]) == 0:
@@ -246,19 +265,14 @@ def run(args, argv=None):
                     sums[name] += value.item()
                 sums["batches"] += 1
                 bar.set_postfix(mse=f"{mse.item():.4f}", ce=f"{ce.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                C.checkpoint_step(args.out, step, epoch, batch_in_epoch, progress, stop, args.save_every,
-                                  __file__, argv, **state)
+                C.checkpoint_step(session, args.out, args, step, epoch, batch_in_epoch, progress, **state)
                 if step >= total_steps:
                     break
             else:  # the epoch ran to its end
                 epoch, start_batch = epoch + 1, 0
-            val_mse, val_acc = validate(student, val_ds, val_targets, head, logit_scale, args, device, bad)
-            n = max(1, sums["batches"])
-            row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
-                   "train_mse": sums["mse"] / n, "train_ce": sums["ce"] / n, "val_mse": val_mse, "val_acc": val_acc}
-            C.end_epoch(args.out, row, step, epoch, start_batch, progress, **state)
-            print(f"epoch {this_epoch}: train mse {row['train_mse']:.4f} ce {row['train_ce']:.4f} | "
-                  f"val mse {val_mse:.4f} zero-shot acc {val_acc:.4f}")
+            close_epoch(this_epoch)
+        if progress["running"]["batches"]:  # stopped on the very last step: its epoch's row is still to write
+            close_epoch(epoch)
 
     # ------------------------------------------------------------------ save
     C.save_torch(os.path.join(args.out, "student.pt"), record())

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 import common as C
 
-CKPT_HINT = ("pass --ckpt OUT/patched.pt of 01_patch_clip.py or OUT/student.pt of 02_align_s2.py, "
-             "or leave out --ckpt and pass --model/--pretrained for an un-patched CLIP")
+CKPT_HINT = ("pass --ckpt OUT, the run folder of 01_patch_clip.py (a patched CLIP) or of 02_align_s2.py (a "
+             "student, or its student.pt), or leave out --ckpt and pass --model/--pretrained for an un-patched CLIP")
 
 
 def parse_args(argv=None):
@@ -148,6 +148,18 @@ def modality_gap(ms, rgb):
             "true_pair_cosine": true_pairs.mean().item(), "random_pair_cosine": random_pairs}
 
 
+def pairing_warning(gap, margin=0.05):
+    """A warning when true pairs are hardly closer than random pairs (mean cosines less than
+    `margin` apart): the student has then learned the teacher's mean direction, which alone shrinks
+    the centroid distance, not which RGB scene each MS image is."""
+    true, random = gap["true_pair_cosine"], gap["random_pair_cosine"]
+    if true is None or random is None or true - random >= margin:
+        return None
+    return (f"true pairs (mean cosine {true:.3f}) are hardly closer than random pairs ({random:.3f}): the student "
+            f"has learned the teacher's mean direction, not its scenes; do not read alignment into the smaller "
+            f"modality gap (train longer, or on more data)")
+
+
 # ============================================================================ evaluations
 
 
@@ -189,27 +201,32 @@ def cross_modal(ms, rgb):
 
 def checkpoint_kind(path):
     """What --ckpt is, without loading a CLIP: ('baseline', None) when there is none, ('patched',
-    its patched.json) or ('student', its record)."""
+    its patched.json) for stage 1's run folder (or a file in it), or ('student', its record) for a
+    student.pt or the stage-2 run folder holding one."""
     if path is None:
         return "baseline", None
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise C.UserError(f"--ckpt {path} does not exist; {CKPT_HINT}")
-    try:
-        meta = json.load(open(os.path.splitext(path)[0] + ".json"))
-    except (OSError, ValueError):
-        meta = None
-    if isinstance(meta, dict) and meta.get("kind") == "rsclip-align/patched-clip":
-        return "patched", meta
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if os.path.isfile(os.path.join(folder, "patched.json")):
+        meta = json.load(open(os.path.join(C.patched_folder(path, "--ckpt"), "patched.json")))
+        if isinstance(meta, dict) and meta.get("kind") == "rsclip-align/patched-clip":
+            return "patched", meta
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "student.pt")):
+            inside = sorted(f for f in os.listdir(path) if f.endswith((".pt", ".json", ".safetensors")))
+            raise C.UserError(f"--ckpt {path} is a folder without patched.json or student.pt (it holds "
+                              f"{', '.join(inside) or 'no checkpoint files'}); {CKPT_HINT}")
+        path = os.path.join(path, "student.pt")
     record = C.load_torch(path, "--ckpt", CKPT_HINT)
     if isinstance(record, dict) and record.get("kind") == "rsclip-align/student":
         return "student", record
-    raise C.UserError(f"--ckpt {path} is of an unknown kind (a patched CLIP needs its patched.json beside it); "
-                      f"{CKPT_HINT}")
+    raise C.UserError(f"--ckpt {path} is of an unknown kind; {CKPT_HINT}")
 
 
 def read_checkpoint(args):
     """The checkpoint's kind and metadata; fills in the baseline's model and the student's teacher
-    (--teacher or the path in student.pt, which must hold the weights the student was aligned to)."""
+    (--teacher or the folder in student.pt, which must hold the weights the student was aligned to)."""
     kind, info = checkpoint_kind(args.ckpt)
     if kind != "baseline" and (args.model or args.pretrained):
         raise C.UserError("--model/--pretrained are for the un-patched baseline; a --ckpt records its own model, "
@@ -219,13 +236,16 @@ def read_checkpoint(args):
     if kind == "baseline":
         args.model, args.pretrained = args.model or "ViT-B-32", args.pretrained or "openai"
     if kind == "student":
+        if os.path.isdir(args.ckpt):
+            args.ckpt = os.path.join(args.ckpt, "student.pt")
         args.teacher = args.teacher or info["teacher"]["path"]
-        if not os.path.isfile(args.teacher):
-            raise C.UserError(f"the student's teacher {args.teacher} does not exist; pass --teacher PATH/patched.pt, "
-                              f"the stage-1 output the student was aligned to")
-        if C.sha256_of(args.teacher) != info["teacher"]["weights_sha256"]:
+        if not os.path.exists(args.teacher):
+            raise C.UserError(f"the student's teacher {args.teacher} does not exist; pass --teacher FOLDER, "
+                              f"the stage-1 run folder the student was aligned to")
+        teacher_meta = json.load(open(os.path.join(C.patched_folder(args.teacher), "patched.json")))
+        if teacher_meta.get("weights_sha256") != info["teacher"]["weights_sha256"]:
             raise C.UserError(f"{args.teacher} is not the CLIP that {args.ckpt} was aligned to (other weights); "
-                              f"pass --teacher PATH/patched.pt of that stage-1 run")
+                              f"pass --teacher FOLDER of that stage-1 run")
     return kind, info
 
 
@@ -250,9 +270,9 @@ def load_models(args, kind, info, device):
     """The CLIP (baseline, patched, or the student's teacher) with its prompts, and the student and
     the untrained student when there are: a dict."""
     if kind == "baseline":
-        clip, _, tokenizer, _ = C.load_clip(args.model, args.pretrained, device)
+        clip, tokenizer, _ = C.load_clip(args.model, args.pretrained, device)
         return {"clip": clip.eval(), "tokenizer": tokenizer, "meta": None, "student": None, "student_init": None}
-    clip, meta, tokenizer = C.load_teacher(args.ckpt if kind == "patched" else args.teacher, device)
+    clip, meta, tokenizer = C.load_teacher(*((args.ckpt, device, "--ckpt") if kind == "patched" else (args.teacher, device)))
     models = {"clip": clip, "tokenizer": tokenizer, "meta": meta, "student": None, "student_init": None}
     if kind == "student":
         models["student"] = C.load_student(args.ckpt)[0].to(device)
@@ -266,9 +286,11 @@ def default_out(args, scenes):
     """<checkpoint folder>/eval-<data>-<split>, or runs/eval/<model>-<pretrained>-<data>-<split> for the baseline."""
     name = f"{scenes.dataset}-{args.split}"
     if args.ckpt:
-        return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval-{name}")
+        folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+        return os.path.join(folder, f"eval-{name}")
+    model = os.path.basename(os.path.normpath(args.model.split(":", 1)[-1]))  # a name, or a local-dir's folder
     pretrained = os.path.splitext(os.path.basename(args.pretrained))[0]  # a tag, or a weights file's name
-    return os.path.join("runs", "eval", f"{args.model}-{pretrained}-{name}")
+    return os.path.join("runs", "eval", f"{model}-{pretrained}-{name}")
 
 
 def embed_split(encoders, dataset, args, device, bad):
@@ -315,11 +337,11 @@ def flatten(obj, prefix=""):
 
 def main(argv=None):
     args = parse_args(argv)
-    with C.user_errors(args.debug):
-        run(args)
+    with C.Session(args.debug) as session:
+        run(args, session)
 
 
-def run(args):
+def run(args, session):
     # ------------------------------------------------------------------ checkpoint, data, models, run folder
     device = C.pick_device(args.device)
     torch.manual_seed(0)  # only a baseline with --pretrained none draws random numbers (its weights)
@@ -330,11 +352,11 @@ def run(args):
     dataset = C.open_images(scenes, args.cache, args.workers)
     models = load_models(args, kind, info, device)  # all bad input is refused before the run folder is made
     C.check_run_dir(args.out, "metrics.json", args.overwrite)
-    try:  # the results log is appended at the end: make sure that it can be
-        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        open(args.results, "a").close()
-    except OSError as e:
-        raise C.UserError(f"cannot write the results log {args.results} ({e.strerror}); pass a writable --results FILE")
+    if os.path.isdir(args.results):
+        raise C.UserError(f"the results log {args.results} is a folder; pass --results FILE")
+    C.check_writable(args.results, "the results log", "--results FILE")
+    C.lock_run_dir(session, args.out)
+    session.on_stop = f"{args.out} holds no metrics yet; run the same command again"
     run_info = C.describe_run(args, device)
     C.write_json(os.path.join(args.out, "args.json"), run_info)
     print(f"{scenes.dataset} {args.split} split (seed {scenes.seed}): {len(dataset)} images of "
@@ -368,6 +390,7 @@ def run(args):
         if "student_init_ms" in features:
             metrics["modality_gap"]["before"] = modality_gap(features["student_init_ms"], features["clip_rgb"])
     metrics = clean(metrics)
+    warnings = [w for w in [pairing_warning(metrics["modality_gap"]["after"])] if w] if "modality_gap" in metrics else []
 
     # ------------------------------------------------------------------ report
     zs, t2i = metrics["zeroshot"], metrics["text_to_image"]
@@ -386,6 +409,8 @@ def run(args):
         gap = metrics["modality_gap"]
         print_table("modality gap (student MS vs teacher RGB)", list(gap["after"]),
                     [(when, list(gap[when].values())) for when in ("before", "after") if when in gap])
+    for warning in warnings:
+        print(f"warning: {warning}")
     if bad:
         print(f"skipped {len(bad)} unreadable files (listed in metrics.json)")
 
@@ -405,7 +430,7 @@ def run(args):
                "split_seed": scenes.seed, "n_images": len(labels), "n_classes": len(scenes.classes),
                "skipped_files": len(bad), "out": os.path.abspath(args.out)}
     C.write_json(os.path.join(args.out, "metrics.json"),
-                 {**setting, "metrics": metrics, "skipped": bad, "run": run_info})
+                 {**setting, "metrics": metrics, "warnings": warnings, "skipped": bad, "run": run_info})
     if args.save_embeddings:
         C.save_torch(os.path.join(args.out, "embeddings.pt"), {
             "features": features, "logits": logits, "labels": labels, "index": index,

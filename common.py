@@ -36,16 +36,57 @@ class UserError(Exception):
     """Bad input the user can fix: printed as one line (naming the file or flag and the fix), exit 2."""
 
 
-@contextlib.contextmanager
-def user_errors(debug=False):
-    """Turn a UserError into one line on stderr and exit code 2; with --debug, the traceback."""
-    try:
-        yield
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the stage stops where it is (see Session)."""
+
+
+class Session:
+    """What a stage's main() runs in, so that it ends the same way wherever it stops:
+    - UserError: one line `error: ...` and exit code 2 (the traceback with --debug);
+    - Ctrl-C or SIGTERM, at any moment: one line saying what was saved and how to go on
+      (`on_stop`, a text or a function, kept up to date by the stage) and exit code 130. Inside `deferred()` (a training
+      loop) a signal only sets `stop_requested`: the loop finishes its step and saves last.pt first;
+    - the lock on the run folder (lock_run_dir) is released."""
+
+    def __init__(self, debug=False):
+        self.debug, self.stop_requested, self.defer, self.lock = debug, None, False, None
+        self.on_stop = "nothing was written; run the same command again"
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.stop_requested = signal.Signals(signum).name
+        if not self.defer:
+            raise Interrupted(self.stop_requested)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals wait for the end of the current training step (see checkpoint_step)."""
+        self.defer = True
+        try:
+            yield
+        finally:
+            self.defer = False
+        if self.stop_requested:  # arrived after the last step's check
+            raise Interrupted(self.stop_requested)
+
+    def __exit__(self, kind, error, tb):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases its flock
+            self.lock = None
+        if kind is UserError and not self.debug:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2)
+        if kind in (Interrupted, KeyboardInterrupt):
+            name = str(error) if kind is Interrupted else "SIGINT"
+            note = self.on_stop() if callable(self.on_stop) else self.on_stop
+            print(f"\n{name}: stopped; {note}", file=sys.stderr)
+            raise SystemExit(130)
+        return False
 
 
 # ============================================================================ data
@@ -372,21 +413,30 @@ def rgb_composite(ms):
     return torch.floor(torch.clamp(rgb * 255.0 / RGB_MAX, 0, 255))
 
 
-def resize_and_crop(x, size, interpolation, clip_to=None):
-    """open_clip's 'shortest' resize mode on a batch: shorter side to `size`, then a centre crop.
-    With `clip_to` (low, high), resample as PIL does 8-bit images in open_clip's own preprocessing:
-    width first, then height, clipping each pass (bicubic overshoots the range next to sharp edges)."""
+def resize_and_crop(x, size, interpolation, clip_to=None, resize_mode="shortest"):
+    """open_clip's resize modes on a batch, to `size` (int or (height, width)): 'shortest' scales the
+    shorter side to fit and centre-crops, 'longest' scales the longer side to fit and pads with 0
+    (black), 'squash' resizes to the size as it is. With `clip_to` (low, high), resample as PIL does
+    8-bit images in open_clip's own preprocessing: width first, then height, clipping each pass
+    (bicubic overshoots the range next to sharp edges)."""
     mode = TF.InterpolationMode(interpolation)
-    if x.shape[-2:] != (size, size):
-        if clip_to is None:
-            x = TF.resize(x, size, interpolation=mode, antialias=True)
-        else:
-            h, w = x.shape[-2:]
-            new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-            x = TF.resize(x, [h, new_w], interpolation=mode, antialias=True).clamp(*clip_to)
-            x = TF.resize(x, [new_h, new_w], interpolation=mode, antialias=True).clamp(*clip_to)
-        x = TF.center_crop(x, [size, size])
-    return x
+    target = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = x.shape[-2:]
+    if (h, w) == target:
+        return x
+    if resize_mode == "squash":
+        new_h, new_w = target
+    elif target[0] == target[1] and resize_mode == "shortest":  # torchvision's Resize(int), as open_clip
+        new_h, new_w = (target[0], int(target[0] * w / h)) if h <= w else (int(target[0] * h / w), target[0])
+    else:
+        scale = (max if resize_mode == "shortest" else min)(target[0] / h, target[1] / w)
+        new_h, new_w = round(h * scale), round(w * scale)
+    if clip_to is None:
+        x = TF.resize(x, [new_h, new_w], interpolation=mode, antialias=True)
+    else:
+        x = TF.resize(x, [h, new_w], interpolation=mode, antialias=True).clamp(*clip_to)
+        x = TF.resize(x, [new_h, new_w], interpolation=mode, antialias=True).clamp(*clip_to)
+    return TF.center_crop(x, list(target))  # crops, or pads with 0 where the image is smaller
 
 
 def random_flips(x, seed, step):
@@ -401,10 +451,13 @@ def random_flips(x, seed, step):
 def clip_input(raw, preprocess_cfg, device, flip_seed_step=None):
     """CLIP's input from a raw batch, on the device: 8-bit RGB (B, H, W, 3) as is, or Sentinel-2
     (B, H, W, 13) through rgb_composite(); then /255, open_clip's resize and centre crop,
-    optional random flips, and normalisation with the model's mean and std."""
+    optional random flips, and normalisation with the model's mean and std. `preprocess_cfg` is the
+    model's own (model.visual.preprocess_cfg): size (int for ResNets, (h, w) for ViTs), resize mode,
+    interpolation, mean and std, as open_clip's validation transform uses them."""
     x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     x = rgb_composite(x) if x.shape[1] == len(S2_BANDS) else x
-    x = resize_and_crop(x / 255.0, preprocess_cfg["size"][0], preprocess_cfg["interpolation"], clip_to=(0, 1))
+    x = resize_and_crop(x / 255.0, preprocess_cfg["size"], preprocess_cfg["interpolation"], clip_to=(0, 1),
+                        resize_mode=preprocess_cfg.get("resize_mode", "shortest"))
     if flip_seed_step is not None:
         x = random_flips(x, *flip_seed_step)
     return TF.normalize(x, list(preprocess_cfg["mean"]), list(preprocess_cfg["std"]))
@@ -427,9 +480,8 @@ def ms_input(raw, size, device, flip_seed_step=None):
 def embed(encoder, loader, prepare, device, skip_bad_files=False, bad=None, desc="embed"):
     """Run `encoder(prepare(raw_images))` over a loader in eval mode; returns float32 CPU
     embeddings, labels and dataset indices, in loader order."""
-    from tqdm import tqdm
     features, labels, index = [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False):
+    for batch in progress_bar(loader, desc=desc, leave=False):
         check_bad_files(batch, skip_bad_files, bad)
         if len(batch["index"]) == 0:
             continue
@@ -438,6 +490,12 @@ def embed(encoder, loader, prepare, device, skip_bad_files=False, bad=None, desc
         labels.append(batch["labels"])
         index.append(batch["index"])
     return torch.cat(features), torch.cat(labels), torch.cat(index)
+
+
+def progress_bar(iterable, **kwargs):
+    """A tqdm progress bar on a terminal; none when the output goes to a file (no '\\r' frames in logs)."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
 
 
 def pick_device(name=None):
@@ -458,48 +516,122 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def load_clip(model_name, pretrained, device="cpu", force_quick_gelu=None):
-    """An open_clip CLIP, its preprocessing settings and tokenizer.
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's own folder format (save_for_hf, "local-dir:")
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
-    `pretrained`: an open_clip tag ('openai', 'laion2b_s34b_b79k', ...), a local checkpoint
-    path, or 'none' for random weights. A tag whose weights were trained with QuickGELU
-    (OpenAI's) builds the model with QuickGELU, as open_clip's '-quickgelu' configs do."""
+
+def load_clip(model_name, pretrained, device="cpu"):
+    """An open_clip CLIP, its tokenizer and its model config; its preprocessing is model.visual.preprocess_cfg, the
+    one source every stage reads (size, mean/std, interpolation, resize mode).
+
+    model_name: an open_clip name ('ViT-B-32', 'RN50', ...) or 'local-dir:FOLDER', a folder in
+    open_clip's own format (open_clip_config.json + weights) such as stage 1's run folder or a
+    downloaded hub model. pretrained: an open_clip tag ('openai', 'laion2b_s34b_b79k', ...), a
+    local checkpoint file, or 'none' for random weights. A tag brings its preprocessing and, for
+    OpenAI's weights, QuickGELU; a file or a local-dir brings what its config says."""
     import open_clip
+    if model_name.startswith("local-dir:"):
+        folder = model_name[len("local-dir:"):]
+        if not os.path.isfile(os.path.join(folder, OPEN_CLIP_CONFIG)):
+            raise UserError(f"--model {model_name}: {folder} holds no {OPEN_CLIP_CONFIG}; pass a folder written by "
+                            f"01_patch_clip.py or open_clip's save_for_hf")
+        model, _, _ = quietly(open_clip.create_model_and_transforms, model_name, device=device)
+        return model, open_clip.get_tokenizer(model_name), open_clip.get_model_config(model_name)
     if model_name not in open_clip.list_models():
         raise UserError(f"--model {model_name} is not an open_clip model; see open_clip.list_models()")
-    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained != "none" else {}
-    if force_quick_gelu is None:
-        force_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-    if pretrained != "none" and not tag_cfg and not os.path.isfile(pretrained):
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained != "none" else {}
+    if pretrained != "none" and not tag and not os.path.isfile(pretrained):
         raise UserError(f"--pretrained {pretrained} is neither a file nor an open_clip tag of {model_name}; "
                         f"tags: {open_clip.list_pretrained_tags_by_model(model_name)}")
+    weights = None if pretrained == "none" else tag_weights(model_name, pretrained, tag) if tag else pretrained
+    from_tag = {"force_quick_gelu": bool(tag.get("quick_gelu")), "image_mean": tag.get("mean"),
+                "image_std": tag.get("std"), "image_interpolation": tag.get("interpolation"),
+                "image_resize_mode": tag.get("resize_mode")}
     try:
-        model, _, _ = open_clip.create_model_and_transforms(
-            model_name, pretrained=None if pretrained == "none" else pretrained,
-            force_quick_gelu=force_quick_gelu, device=device)
-    except RuntimeError as e:
-        if "PytorchStreamReader" in str(e) or "zip archive" in str(e):
-            raise UserError(f"--pretrained {pretrained} cannot be read (truncated, or not a torch.save file); "
-                            f"download or save it again")
-        if tag_cfg:
-            raise UserError(f"could not fetch the '{pretrained}' weights of {model_name} (offline?); download "
-                            f"them where you can and pass the file with --model "
-                            f"{open_clip_name(model_name, force_quick_gelu)} --pretrained PATH")
-        raise UserError(f"--pretrained {pretrained} does not fit {model_name} ({str(e).splitlines()[0][:200]}); "
-                        f"pass the --model it was saved from")
+        model, _, _ = quietly(open_clip.create_model_and_transforms, model_name, pretrained=weights, device=device,
+                              **from_tag)
     except Exception as e:
-        raise UserError(f"--pretrained {pretrained} is not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); pass a CLIP state dict saved with torch.save")
-    return model, dict(model.visual.preprocess_cfg), open_clip.get_tokenizer(model_name), force_quick_gelu
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if "PytorchStreamReader" in first or "zip archive" in first or "header" in first:
+            raise UserError(f"--pretrained {weights} cannot be read (truncated, or not a checkpoint file); "
+                            f"download or save it again")
+        raise UserError(f"--pretrained {weights} does not fit {model_name} ({first}); pass the --model it was saved from")
+    config = {**open_clip.get_model_config(model_name), **({"quick_gelu": True} if from_tag["force_quick_gelu"] else {})}
+    return model, open_clip.get_tokenizer(model_name), config
+
+
+def quietly(fn, *args, **kwargs):
+    """Call open_clip without its root-logger warnings (e.g. 'No pretrained weights loaded' for the
+    random weights the user asked for with --pretrained none)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        root.setLevel(level)
+
+
+def tag_weights(model_name, tag_name, tag):
+    """The local file of an open_clip tag's weights: from the Hugging Face or open_clip cache, else
+    downloaded. Offline and not cached: one line that says what to do, within seconds (the hub
+    client would retry for about a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, download_pretrained
+    hub, url = tag.get("hf_hub", ""), tag.get("url", "")
+    if tag.get("file"):  # a tag registered with a local file (open_clip's own 'file' entry)
+        return tag["file"]
+    if hub:
+        repo, filename = os.path.split(hub)
+        for name in ([HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME] if not filename else [filename]):
+            cached = huggingface_hub.try_to_load_from_cache(repo, name)
+            if isinstance(cached, str):
+                return cached
+        host = "huggingface.co"
+    else:
+        cached = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(cached):
+            return cached
+        host = urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        source = f"hf-hub:{repo}" if hub else url
+        raise UserError(f"the '{tag_name}' weights of {model_name} are not cached and {host} cannot be reached "
+                        f"(offline?); fetch {source} where you can and pass --pretrained FILE"
+                        + (f" --model {open_clip_name(model_name, True)}" if tag.get("quick_gelu") else "")
+                        + ", or copy its Hugging Face cache folder here")
+    return quietly(download_pretrained, tag)
 
 
 def open_clip_name(model_name, quick_gelu):
     """The open_clip model name that rebuilds a CLIP as it was trained: OpenAI's weights use
-    QuickGELU, which open_clip's '-quickgelu' configs select (the state dict cannot tell)."""
+    QuickGELU, which open_clip's '-quickgelu' configs select (a state dict cannot tell)."""
     import open_clip
     if quick_gelu and not model_name.endswith("-quickgelu") and f"{model_name}-quickgelu" in open_clip.list_models():
         return f"{model_name}-quickgelu"
     return model_name
+
+
+def save_clip(model, config, folder):
+    """A CLIP in open_clip's own folder format, which open_clip.create_model_and_transforms(
+    "local-dir:FOLDER") rebuilds with its preprocessing and the Hugging Face hub accepts as it is:
+    open_clip_config.json (the model config of load_clip, QuickGELU included, and preprocess_cfg,
+    written by open_clip's save_config_for_hf) and open_clip_model.safetensors (the weights, no
+    pickle). Returns the weights' path."""
+    import importlib
+    from pathlib import Path
+
+    import safetensors.torch
+    hf = importlib.import_module("open_clip.push_to_hf_hub")  # the module, not the function of that name
+    weights = os.path.join(folder, OPEN_CLIP_WEIGHTS)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_atomic(weights, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+    write_atomic(os.path.join(folder, OPEN_CLIP_CONFIG), lambda tmp: hf.save_config_for_hf(model, Path(tmp), config))
+    return weights
 
 
 @torch.no_grad()
@@ -566,20 +698,33 @@ def load_student(path):
     return student.eval(), record
 
 
-def load_teacher(path, device):
-    """A patched CLIP of stage 1 with its metadata (OUT/patched.json beside OUT/patched.pt)."""
-    meta_path = os.path.splitext(path)[0] + ".json"
-    if not os.path.isfile(path):
-        raise UserError(f"teacher checkpoint {path} does not exist; pass --teacher OUT/patched.pt of 01_patch_clip.py")
+PATCHED_HINT = "the run folder of 01_patch_clip.py (it holds patched.json, open_clip_config.json and the weights)"
+
+
+def patched_folder(path, flag="--teacher"):
+    """Stage 1's run folder from --teacher/--ckpt: the folder itself or any file of it."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if not os.path.exists(path) or not os.path.isfile(os.path.join(folder, "patched.json")):
+        what = "does not exist" if not os.path.exists(path) else "is not a stage-1 output (no patched.json)"
+        raise UserError(f"{flag} {path} {what}; pass {PATCHED_HINT}")
+    return folder
+
+
+def load_teacher(path, device, flag="--teacher"):
+    """A patched CLIP of stage 1, its metadata (patched.json) and tokenizer. It is rebuilt by
+    open_clip from the folder ("local-dir:"), so its architecture and preprocessing are the ones
+    stage 1 recorded in open_clip_config.json, whatever tag or file it started from."""
+    folder = patched_folder(path, flag)
     try:
-        meta = json.load(open(meta_path))
+        meta = json.load(open(os.path.join(folder, "patched.json")))
         assert meta["kind"] == "rsclip-align/patched-clip"
     except Exception:
-        raise UserError(f"{path} is not a stage-1 output ({meta_path} is missing or not its metadata); "
-                        f"pass --teacher OUT/patched.pt written by 01_patch_clip.py")
-    if sha256_of(path) != meta["weights_sha256"]:
-        raise UserError(f"{path} differs from the weights recorded in {meta_path}; re-run 01_patch_clip.py")
-    model, _, tokenizer, _ = load_clip(meta["model"], path, device, meta["force_quick_gelu"])
+        raise UserError(f"{flag} {path}: {folder}/patched.json is not the metadata of a patched CLIP; pass {PATCHED_HINT}")
+    weights = os.path.join(folder, OPEN_CLIP_WEIGHTS)
+    if not os.path.isfile(weights) or sha256_of(weights) != meta["weights_sha256"]:
+        raise UserError(f"{weights} is missing or differs from the weights recorded in {folder}/patched.json; "
+                        f"re-run 01_patch_clip.py")
+    model, tokenizer, _ = load_clip("local-dir:" + folder, None, device)
     return model.eval(), meta, tokenizer
 
 
@@ -606,10 +751,23 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def tidy(obj):
+    """For JSON: a float that holds a float32 value (a loss, a learning rate from a tensor) is written
+    with the shortest digits that give back that float32: 0.025, not 0.02500000037252903. Other
+    floats are kept exactly."""
+    if isinstance(obj, float) and np.isfinite(obj) and float(np.float32(obj)) == obj:
+        return float(str(np.float32(obj)))
+    if isinstance(obj, dict):
+        return {k: tidy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [tidy(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            json.dump(tidy(obj), f, indent=2, sort_keys=True, default=str)
             f.write("\n")
     write_atomic(path, write)
 
@@ -628,7 +786,7 @@ def read_jsonl(path):
 
 def append_jsonl(path, row):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    line = (json.dumps(row, sort_keys=True, default=str) + "\n").encode()
+    line = (json.dumps(tidy(row), sort_keys=True, default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:  # one write of the whole line: runs that share a results log never interleave their lines
         os.write(fd, line)
@@ -647,29 +805,60 @@ def load_torch(path, what, fix):
                         f"it may be truncated; {fix}")
 
 
+def check_writable(path, what, flag):
+    """That `path` (a folder to make, or a file to create in one) can be written, without writing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing == os.path.abspath(path) and os.path.isfile(existing):
+        existing = os.path.dirname(existing)  # an existing file: its folder must take the rename
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is a file" if not os.path.isdir(existing) else "is not writable"
+        raise UserError(f"cannot write {what} {path} ({existing} {problem}); pass a writable {flag}")
+
+
 def check_run_dir(out, finished_file, overwrite=False, resume=False):
-    """Before any work: refuse a folder that holds a finished run (unless --overwrite), a --resume
-    without last.pt, and a folder that cannot be written. Nothing in `out` is changed."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        write_atomic(os.path.join(out, ".write-test"), lambda tmp: open(tmp, "w").close())
-        os.remove(os.path.join(out, ".write-test"))
-    except OSError as e:
-        raise UserError(f"cannot write to the output folder {out} ({e.strerror}); pass a writable --out DIR")
+    """Before any work, without writing anything: refuse a folder that holds a finished run (unless
+    --overwrite), an interrupted run's last.pt that a fresh run would discard (unless --overwrite),
+    a --resume without last.pt, and a folder that cannot be made or written."""
+    check_writable(out, "the output folder", "--out DIR")
+    last = os.path.join(out, "last.pt")
     if os.path.exists(os.path.join(out, finished_file)) and not (overwrite or resume):
         raise UserError(f"{out} already holds a finished run ({finished_file}); pass --overwrite or another --out")
-    if resume and not os.path.isfile(os.path.join(out, "last.pt")):
-        raise UserError(f"nothing to resume: {out}/last.pt does not exist; drop --resume to start afresh")
+    if resume and not os.path.isfile(last):
+        raise UserError(f"nothing to resume: {last} does not exist; drop --resume to start afresh")
+    if os.path.isfile(last) and not (resume or overwrite):
+        raise UserError(f"{out} holds an interrupted run ({last}); pass --resume to continue it, "
+                        f"--overwrite to start afresh, or another --out")
 
 
-def prepare_run_dir(out, resume=False):
-    """Once every input is checked: a fresh run (not --resume) starts a fresh epoch log."""
-    if not resume and os.path.exists(os.path.join(out, "log.jsonl")):
-        os.remove(os.path.join(out, "log.jsonl"))
+def lock_run_dir(session, out, resume=False, stale=("last.pt", "log.jsonl")):
+    """Once every input is checked: make the run folder and take it for this process alone (an
+    flock on out/.lock, released when the process ends, killed or not); a fresh run then removes
+    what an earlier run left to resume from, so that --resume can only ever continue this run."""
+    import fcntl
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{out} is in use by another run ({owner}); wait for it to end or pass another --out")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    session.lock = lock
+    if not resume:
+        for name in stale:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
 
 
 def describe_run(args, device):
-    """Print and return the sorted arguments, versions, device and git revision (DINO-style)."""
+    """The run's sorted arguments, versions, device and git revision for args.json (DINO-style);
+    prints one compact line of them."""
     import open_clip
     import timm
     try:
@@ -683,24 +872,42 @@ def describe_run(args, device):
                          "timm": timm.__version__, "numpy": np.__version__}}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    for k, v in info["args"].items():
-        print(f"  {k}: {v}")
-    print(f"device {info['device']}  git {info['git']}  " + "  ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    versions = " ".join(f"{k} {info['versions'][k]}" for k in ("torch", "open_clip", "timm"))
+    print(f"device {info.get('gpu', info['device'])} | {versions} | git {info['git']} | "
+          f"run folder {args.out} (flags in args.json)")
     return info
 
 
-def save_training_state(out, step, epoch, batch_in_epoch, progress, **states):
+RESUME_MAY_CHANGE = {"resume", "overwrite", "debug", "workers", "device", "save_every", "cache", "no_plots"}
+
+
+def settings(args):
+    """The flags that shape a run's results, as plain values: what a --resume must keep."""
+    plain = json.loads(json.dumps(vars(args), default=str))
+    return {k: v for k, v in sorted(plain.items()) if k not in RESUME_MAY_CHANGE}
+
+
+def save_training_state(out, args, step, epoch, batch_in_epoch, progress, **states):
     """The resumable state of a run as out/last.pt, written atomically so that a crash never leaves a
-    broken one: weights, optimizer and scheduler (`states`), the position in the data (epoch, batches
-    done in it), the RNG, and `progress` (plain values: the epoch's running loss sums, the epoch log)."""
+    broken one: the run's settings, weights, optimizer and scheduler (`states`), the position in the
+    data (epoch, batches done in it), the RNG, and `progress` (plain values: the epoch's running
+    loss sums, the epoch log, and what the stage did after training)."""
     save_torch(os.path.join(out, "last.pt"), {
-        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "progress": progress,
-        "torch_rng": torch.get_rng_state(), **{k: v.state_dict() for k, v in states.items()}})
+        "settings": settings(args), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "progress": progress, "torch_rng": torch.get_rng_state(), **{k: v.state_dict() for k, v in states.items()}})
 
 
-def load_training_state(out, **states):
-    """Restore what save_training_state() wrote; returns (step, epoch, batch_in_epoch, progress)."""
+def load_training_state(out, args, **states):
+    """Restore what save_training_state() wrote, after checking that this command has the settings
+    last.pt was saved with (so a resume provably continues that run); returns (step, epoch,
+    batch_in_epoch, progress)."""
     ckpt = load_torch(os.path.join(out, "last.pt"), "resume checkpoint", "drop --resume to start afresh")
+    saved, now = ckpt.get("settings", {}), settings(args)
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise UserError(f"--resume with other settings than {out}/last.pt was saved with: "
+                        + ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)}" for k in changed)
+                        + "; resume with the flags the run was started with")
     try:
         for k, v in states.items():
             v.load_state_dict(ckpt[k])
@@ -712,42 +919,41 @@ def load_training_state(out, **states):
     return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], progress
 
 
-def checkpoint_step(out, step, epoch, batch_in_epoch, progress, stop, save_every, script, argv, **states):
-    """After a training step: last.pt every `save_every` steps; after Ctrl-C or SIGTERM, last.pt and exit 130."""
-    if step % save_every == 0 or stop.requested:
-        save_training_state(out, step, epoch, batch_in_epoch, progress, **states)
-    if stop.requested:
-        exit_interrupted(stop.requested, step, out, script, argv)
+def stop_note(out, script, argv=None):
+    """Session.on_stop of a training stage once its run folder is taken: after a stop, the command
+    that continues the run when last.pt exists, else that the same command starts it again."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(shlex.quote(a) for a in [os.path.basename(script), *argv] if a not in ("--resume", "--overwrite"))
+
+    def note():
+        if os.path.isfile(os.path.join(out, "last.pt")):
+            return f"saved {out}/last.pt; resume with: python {command} --resume"
+        return f"no training step had finished, nothing to resume; run the same command again"
+    return note
 
 
-def end_epoch(out, row, step, epoch, batch_in_epoch, progress, **states):
+def checkpoint_step(session, out, args, step, epoch, batch_in_epoch, progress, **states):
+    """After a training step: last.pt every --save-every steps, and after Ctrl-C or SIGTERM (then stop)."""
+    if step % args.save_every == 0 or session.stop_requested:
+        save_training_state(out, args, step, epoch, batch_in_epoch, progress, **states)
+    if session.stop_requested:
+        raise Interrupted(f"{session.stop_requested} at step {step}")
+
+
+def end_epoch(out, args, row, step, epoch, batch_in_epoch, progress, **states):
     """An epoch's row into the run's log (OUT/log.jsonl and last.pt); its running sums start again at 0."""
     progress["history"].append(row)
     write_jsonl(os.path.join(out, "log.jsonl"), progress["history"])
     progress["running"] = {k: type(v)(0) for k, v in progress["running"].items()}
-    save_training_state(out, step, epoch, batch_in_epoch, progress, **states)
+    save_training_state(out, args, step, epoch, batch_in_epoch, progress, **states)
 
 
 def write_jsonl(path, rows):
     """A whole JSON-lines file, written atomically (a run's per-epoch log)."""
     def write(tmp):
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(row, sort_keys=True, default=str) + "\n" for row in rows)
+            f.writelines(json.dumps(tidy(row), sort_keys=True, default=str) + "\n" for row in rows)
     write_atomic(path, write)
-
-
-RESUME_MAY_CHANGE = {"resume", "overwrite", "debug", "workers", "device", "save_every", "cache"}
-
-
-def check_resume_args(out, args):
-    """A resumed run must keep every setting that shapes its results (all but RESUME_MAY_CHANGE)."""
-    saved = json.load(open(os.path.join(out, "args.json")))["args"]
-    now = json.loads(json.dumps(vars(args), default=str))  # as args.json stores them
-    changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
-    if changed:
-        raise UserError(f"--resume with other settings than {out}/args.json: "
-                        + ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)}" for k in changed)
-                        + "; resume with the flags the run was started with")
 
 
 def cosine_schedule(optimizer, total_steps, warmup_steps):
@@ -758,33 +964,6 @@ def cosine_schedule(optimizer, total_steps, warmup_steps):
         return cosine
     warmup = sched.LinearLR(optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps)
     return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
-
-
-class StopSignal:
-    """Ctrl-C or SIGTERM during training sets `requested`; the loop then saves and exits."""
-
-    def __init__(self):
-        self.requested = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def exit_interrupted(signame, step, out, script, argv=None):
-    """After a stop signal: the checkpoint is saved; say how to go on, exit code 130."""
-    argv = sys.argv[1:] if argv is None else argv
-    command = " ".join(shlex.quote(a) for a in [script, *argv] if a not in ("--resume", "--overwrite"))
-    print(f"\n{signame} at step {step}: saved {out}/last.pt; resume with:\n  python {command} --resume",
-          file=sys.stderr)
-    raise SystemExit(130)
 
 
 def check_finite(loss, step, out):

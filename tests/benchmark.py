@@ -112,7 +112,8 @@ def main():
         # batch (device-side preprocessing, autocast forward, loss, backward, grad clip 1.0, AdamW,
         # scheduler), with a random head; keep them in step with the stages when those change.
         # stage 1: CLIP fine-tuning step (image tower, CE through the frozen zero-shot head)
-        model, preprocess_cfg, _, _ = C.load_clip(args.model, "none", device)
+        model, _, _ = C.load_clip(args.model, "none", device)
+        preprocess_cfg = model.visual.preprocess_cfg
         head = F.normalize(torch.randn(model.visual.output_dim, len(scenes.classes), device=device), dim=0)
         opt1 = torch.optim.AdamW(model.visual.parameters(), lr=1e-5, weight_decay=0.1)
         sched1 = C.cosine_schedule(opt1, 1000, 100)

@@ -108,4 +108,4 @@ def patched_run(tmp_path_factory, tiny_clip_config):
     root = make_eurosat_ms(base / "EuroSAT_MS")
     out = base / "patch"
     load_stage("01_patch_clip.py").main(tiny_patch_args(root, out))
-    return {"root": root, "out": str(out), "ckpt": str(out / "patched.pt")}
+    return {"root": root, "out": str(out), "ckpt": str(out)}

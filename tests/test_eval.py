@@ -147,7 +147,8 @@ def test_zeroshot_logits_equal_open_clips_own(patched_run, patched_eval):
     import open_clip
     from PIL import Image
     saved, meta = patched_eval["saved"], json.load(open(os.path.join(patched_run["out"], "patched.json")))
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=patched_run["ckpt"])
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        TINY_CLIP, pretrained=os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
     tokenizer = open_clip.get_tokenizer(TINY_CLIP)
     model.eval()
     tifs = [tifffile.imread(os.path.join(patched_run["root"], f)) for f in saved["files"]]
@@ -246,11 +247,11 @@ def test_cli_on_student_with_moved_teacher_and_no_init(patched_run, student_run,
     """--teacher finds a teacher that was moved; without student_init.pt there is no 'before' gap."""
     shutil.copytree(patched_run["out"], tmp_path / "moved")
     record = torch.load(student_run["ckpt"], weights_only=True)
-    record["teacher"]["path"] = str(tmp_path / "gone" / "patched.pt")
+    record["teacher"]["path"] = str(tmp_path / "gone")
     os.makedirs(tmp_path / "run")
     C.save_torch(str(tmp_path / "run" / "student.pt"), record)
-    metrics, _ = cli(tmp_path, "--ckpt", str(tmp_path / "run" / "student.pt"), "--root", patched_run["root"],
-                     "--teacher", str(tmp_path / "moved" / "patched.pt"))
+    metrics, _ = cli(tmp_path, "--ckpt", str(tmp_path / "run"), "--root", patched_run["root"],  # the run folder
+                     "--teacher", str(tmp_path / "moved"))
     assert list(metrics["metrics"]["modality_gap"]) == ["after"]
 
 
@@ -260,7 +261,11 @@ def test_cli_on_student_with_moved_teacher_and_no_init(patched_run, student_run,
 def test_unknown_checkpoint_kind(patched_run, tmp_path, capsys):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "model.pt")
     expect_user_error(capsys, ["--ckpt", str(tmp_path / "model.pt"), "--root", patched_run["root"]],
-                      "unknown kind", "--ckpt", "patched.pt", "student.pt")
+                      "unknown kind", "--ckpt", "01_patch_clip.py", "student.pt")
+    os.makedirs(tmp_path / "folder")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "folder" / "model.pt")
+    expect_user_error(capsys, ["--ckpt", str(tmp_path / "folder"), "--root", patched_run["root"]],
+                      "is a folder", "model.pt", "01_patch_clip.py")
 
 
 def test_truncated_checkpoint(student_run, patched_run, tmp_path, capsys):
@@ -275,7 +280,7 @@ def test_truncated_checkpoint(student_run, patched_run, tmp_path, capsys):
 def test_student_whose_teacher_cannot_be_found(patched_run, student_run, tmp_path, capsys, change):
     record = torch.load(student_run["ckpt"], weights_only=True)
     if change == "teacher missing":
-        record["teacher"]["path"] = str(tmp_path / "gone" / "patched.pt")
+        record["teacher"]["path"] = str(tmp_path / "gone")
     else:
         record["teacher"]["weights_sha256"] = "0" * 64
     C.save_torch(str(tmp_path / "student.pt"), record)

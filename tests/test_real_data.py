@@ -23,7 +23,7 @@ def real_runs(tmp_path_factory):
     patch, align, evaluate, cache = base / "patch", base / "align", base / "eval", str(base / "cache")
     load_stage("01_patch_clip.py").main(tiny_patch_args(SHARED_MS, patch, "eurosat_ms", "--epochs", "1",
                                                         "--batch-size", "32", "--cache", cache))
-    load_stage("02_align_s2.py").main(["--teacher", str(patch / "patched.pt"), "--data", "eurosat_ms",
+    load_stage("02_align_s2.py").main(["--teacher", str(patch), "--data", "eurosat_ms",
                                        "--root", SHARED_MS, *TINY_STUDENT, "--epochs", "8", "--batch-size", "32",
                                        "--lr", "1e-3", "--workers", "0", "--cache", cache, "--out", str(align)])
     load_stage("03_eval.py").main(["--ckpt", str(align / "student.pt"), "--data", "eurosat_ms", "--root", SHARED_MS,
@@ -35,7 +35,7 @@ def real_runs(tmp_path_factory):
 def test_stage2_aligns_the_student_to_the_teacher_on_real_tifs(real_runs):
     """The validation MSE to the teacher's embeddings of the RGB composites falls well below the untrained student's."""
     meta = json.load(open(real_runs["patch"] / "patched.json"))
-    teacher, _, _ = C.load_teacher(str(real_runs["patch"] / "patched.pt"), "cpu")
+    teacher, _, _ = C.load_teacher(str(real_runs["patch"]), "cpu")
     val = C.load_split("eurosat_ms", SHARED_MS, "val", meta["split_seed"])
     raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
     assert raw.shape == (len(val.files), 64, 64, 13) and raw.dtype == torch.uint16  # as read: H, W, bands

@@ -42,6 +42,12 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def patched_weights(out):
+    """The patched CLIP's state dict as stage 1 saved it (open_clip's folder format, safetensors)."""
+    import safetensors.torch
+    return safetensors.torch.load_file(os.path.join(out, C.OPEN_CLIP_WEIGHTS))
+
+
 def interpolated(theta_0, theta_1, alpha):
     return {k: (1 - alpha) * theta_0[k] + alpha * theta_1[k] for k in theta_0}
 
@@ -52,7 +58,7 @@ def state_equal(a, b):
 
 def expect_error(capsys, argv, *words, out=None):
     """The stage stops with exit code 2 and one line `error: ...` naming `words` (progress bars
-    aside), without a traceback, and leaves no patched.pt."""
+    aside), without a traceback, and leaves no patched CLIP."""
     with pytest.raises(SystemExit) as e:
         stage.main(argv)
     assert e.value.code == 2
@@ -63,16 +69,17 @@ def expect_error(capsys, argv, *words, out=None):
     for w in words:
         assert str(w) in lines[0], (w, lines[0])
     if out is not None:
-        assert not os.path.exists(os.path.join(out, "patched.pt"))
+        assert not os.path.exists(os.path.join(out, "patched.json"))
+        assert not os.path.exists(os.path.join(out, C.OPEN_CLIP_WEIGHTS))
     return lines[0]
 
 
 # ----------------------------------------------------------------------------- the method's pieces
 
 
-def test_interpolation_endpoints_are_exact_and_integer_buffers_are_kept():
+def test_interpolation_endpoints_are_exact_and_integer_buffers_are_rounded():
     theta_0, theta_1 = initial_model(0).visual.state_dict(), initial_model(1).visual.state_dict()
-    theta_0["steps"], theta_1["steps"] = torch.tensor([5, 7]), torch.tensor([5, 7])  # an integer buffer
+    theta_0["steps"], theta_1["steps"] = torch.tensor([5, 7]), torch.tensor([15, 7])  # a counter, e.g. BatchNorm's
     assert not torch.equal(theta_0["conv1.weight"], theta_1["conv1.weight"])
     assert state_equal(stage.interpolate_weights(theta_0, theta_1, 0.0), theta_0)
     assert state_equal(stage.interpolate_weights(theta_0, theta_1, 1.0), theta_1)
@@ -81,11 +88,12 @@ def test_interpolation_endpoints_are_exact_and_integer_buffers_are_kept():
         if k != "steps":
             expected = (0.7 * w0.double() + 0.3 * theta_1[k].double()).float()
             assert torch.allclose(middle[k], expected, atol=1e-6), k
-    assert middle["steps"].dtype == torch.int64 and middle["steps"].tolist() == [5, 7]
+    assert middle["steps"].dtype == torch.int64 and middle["steps"].tolist() == [8, 7]  # 0.7 * 5 + 0.3 * 15
     with pytest.raises(AssertionError):  # a key missing on one side
         stage.interpolate_weights(theta_0, {k: v for k, v in theta_1.items() if k != "proj"}, 0.5)
-    with pytest.raises(AssertionError):  # integer buffers must agree
-        stage.interpolate_weights(theta_0, {**theta_1, "steps": torch.tensor([5, 8])}, 0.5)
+    with pytest.raises(AssertionError):  # boolean tensors (masks) must agree
+        stage.interpolate_weights({**theta_0, "mask": torch.tensor([True])}, {**theta_1, "mask": torch.tensor([False])},
+                                  0.5)
 
 
 def test_zeroshot_head_equals_encode_text_of_the_prompts():
@@ -113,7 +121,7 @@ def test_zeroshot_head_equals_encode_text_of_the_prompts():
 
 def test_training_changes_only_the_image_tower(patched_run):
     initial = initial_model().state_dict()
-    patched, finetuned = load(patched_run["ckpt"]), load(os.path.join(patched_run["out"], "finetuned.pt"))
+    patched, finetuned = patched_weights(patched_run["out"]), load(os.path.join(patched_run["out"], "finetuned.pt"))
     assert patched.keys() == initial.keys()
     others = [k for k in initial if not k.startswith("visual.")]
     assert "logit_scale" in others and "token_embedding.weight" in others and len(others) > 10
@@ -137,10 +145,15 @@ def test_patched_checkpoint_round_trips_and_is_the_interpolation(patched_run):
     assert meta["kind"] == "rsclip-align/patched-clip" and meta["model"] == TINY_CLIP
     assert meta["alpha"] == metrics["chosen_alpha"] == 0.5  # no --control: --alpha's default
     assert meta["classes"] == EUROSAT_CLASSES and meta["split_seed"] == 0 and meta["dataset"] == "eurosat_ms"
-    assert meta["weights_sha256"] == hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
-    saved = load(ckpt)
-    model = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=ckpt)[0]
+    weights = os.path.join(ckpt, C.OPEN_CLIP_WEIGHTS)
+    assert meta["weights_sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    saved = patched_weights(out)
+    model = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=weights)[0]  # by name and weights file
     assert state_equal(model.state_dict(), saved)
+    same, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + ckpt)  # open_clip's folder format
+    as_json = lambda cfg: json.loads(json.dumps(cfg))  # noqa: E731 (tuples and lists alike)
+    assert state_equal(same.state_dict(), saved)
+    assert as_json(same.visual.preprocess_cfg) == as_json(model.visual.preprocess_cfg) == as_json(meta["preprocess_cfg"])
     initial, finetuned = initial_model().state_dict(), load(os.path.join(out, "finetuned.pt"))
     zeroshot = {k[len("visual."):]: v for k, v in initial.items() if k.startswith("visual.")}
     expected = interpolated(zeroshot, finetuned, 0.5)
@@ -198,7 +211,7 @@ def test_cli_on_eurosat_jpgs_with_a_control_folder_picks_the_best_mean(tmp_path)
     assert meta["alpha"] == metrics["chosen_alpha"] == expected
     assert meta["classes"] == SMALL and meta["dataset"] == "eurosat"
     assert meta["classnames"] == ["annual crop land", "forest", "brushland or shrubland"]
-    patched, finetuned = load(out / "patched.pt"), load(out / "finetuned.pt")
+    patched, finetuned = patched_weights(out), load(out / "finetuned.pt")
     zeroshot = {k[len("visual."):]: v for k, v in initial_model().state_dict().items() if k.startswith("visual.")}
     for k, v in interpolated(zeroshot, finetuned, expected).items():
         assert torch.allclose(patched["visual." + k], v, rtol=1e-6, atol=0), k
@@ -229,7 +242,7 @@ def test_alpha_rule_takes_the_best_mean_and_the_smaller_alpha_on_ties(tmp_path, 
     assert [(r["task_acc"], r["control_acc"]) for r in metrics["alphas"]] == [(0.2, 0.9), (0.9, 0.5), (0.95, 0.45)]
     assert metrics["chosen_alpha"] == json.load(open(out / "patched.json"))["alpha"] == 0.5
     zeroshot = {k[len("visual."):]: v for k, v in initial_model().state_dict().items() if k.startswith("visual.")}
-    patched, finetuned = load(out / "patched.pt"), load(out / "finetuned.pt")
+    patched, finetuned = patched_weights(out), load(out / "finetuned.pt")
     for k, v in interpolated(zeroshot, finetuned, 0.5).items():
         assert torch.allclose(patched["visual." + k], v, rtol=1e-6, atol=0), k
 
@@ -324,14 +337,14 @@ def test_output_folder_that_cannot_be_written(tmp_path, capsys):
 def test_finished_run_needs_overwrite_and_the_same_command_gives_the_same_run(patched_run, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(patched_run["out"], out)  # the shared run stays as it is
-    before = open(out / "patched.pt", "rb").read()
+    before = open(out / C.OPEN_CLIP_WEIGHTS, "rb").read()
     expect_error(capsys, tiny_patch_args(patched_run["root"], out), out, "--overwrite")
-    assert open(out / "patched.pt", "rb").read() == before
+    assert open(out / C.OPEN_CLIP_WEIGHTS, "rb").read() == before
     os.remove(out / "finetuned.pt")
     stage.main(tiny_patch_args(patched_run["root"], out, "eurosat_ms", "--overwrite"))
     assert json.load(open(out / "metrics.json")) == json.load(open(os.path.join(patched_run["out"], "metrics.json")))
     assert state_equal(load(out / "finetuned.pt"), load(os.path.join(patched_run["out"], "finetuned.pt")))
-    assert state_equal(load(out / "patched.pt"), load(os.path.join(patched_run["out"], "patched.pt")))
+    assert state_equal(patched_weights(out), patched_weights(patched_run["out"]))
     assert C.read_jsonl(out / "log.jsonl") == C.read_jsonl(os.path.join(patched_run["out"], "log.jsonl"))
 
 
@@ -343,7 +356,7 @@ def test_skip_bad_files_skips_a_corrupt_tif_and_records_it(tmp_path, capsys):
     stage.main(tiny_patch_args(root, tmp_path / "out", "eurosat_ms", "--skip-bad-files", "--alphas", "0", "1"))
     metrics = json.load(open(tmp_path / "out" / "metrics.json"))
     assert list(metrics["skipped_files"]) == [bad] and "(H, W, 13)" in metrics["skipped_files"][bad]
-    assert metrics["steps"] == 2 and os.path.isfile(tmp_path / "out" / "patched.pt")
+    assert metrics["steps"] == 2 and os.path.isfile(tmp_path / "out" / "patched.json")
     assert "skipped 1 unreadable files" in capsys.readouterr().out
 
 
@@ -398,14 +411,14 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, monkeypat
         assert e.value.code == 130 and "--resume" in capsys.readouterr().err
         last = load(out / "last.pt")
         assert (last["step"], last["epoch"], last["batch_in_epoch"]) == expected_position
-        assert not os.path.exists(out / "patched.pt")
+        assert not os.path.exists(out / "patched.json")
         if expected_position[0] == 2:  # other settings than the run's are refused
             expect_error(capsys, argv(out, "--resume", "--lr", "0.01"), "--lr")
             expect_error(capsys, argv(out, "--resume", "--grad-clip", "0.5"), "--grad-clip")
     stage.main(argv(out, "--resume"))
     assert state_equal(load(out / "finetuned.pt"), load(tmp_path / "whole" / "finetuned.pt"))
     assert json.load(open(out / "metrics.json")) == json.load(open(tmp_path / "whole" / "metrics.json"))
-    assert load(out / "patched.pt").keys() == load(tmp_path / "whole" / "patched.pt").keys()
+    assert patched_weights(out).keys() == patched_weights(tmp_path / "whole").keys()
     assert not os.path.exists(out / "last.pt")
 
 

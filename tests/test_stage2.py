@@ -108,7 +108,7 @@ def test_cli_writes_a_student_that_round_trips(aligned, patched_run):
     out = aligned["out"]
     student, record = C.load_student(os.path.join(out, "student.pt"))
     assert state_equal(student.state_dict(), aligned["student"].state_dict())
-    assert record["teacher"]["weights_sha256"] == C.sha256_of(patched_run["ckpt"])
+    assert record["teacher"]["weights_sha256"] == C.sha256_of(os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
     assert (record["arch"], record["in_chans"], record["input_size"], record["embed_dim"]) == \
         ("vit_tiny_patch16_224", 13, 32, 32)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
@@ -122,12 +122,13 @@ def test_cli_writes_a_student_that_round_trips(aligned, patched_run):
 
 def test_student_learns_the_teacher_and_the_teacher_is_untouched(aligned, patched_run):
     import open_clip
-    teacher, _, _ = open_clip.create_model_and_transforms("rsclip-tiny", pretrained=patched_run["ckpt"])
+    teacher, _, _ = open_clip.create_model_and_transforms(
+        "rsclip-tiny", pretrained=os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
     assert state_equal(aligned["teacher"].state_dict(), teacher.state_dict())  # bit-identical after training
     # the validation MSE to a fresh teacher forward pass, before (student_init.pt) and after
     val = C.load_split("eurosat_ms", patched_run["root"], "val", 0)
     raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
-    meta = json.load(open(patched_run["ckpt"].replace(".pt", ".json")))
+    meta = json.load(open(os.path.join(patched_run["ckpt"], "patched.json")))
     with torch.no_grad():
         target = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu"))
         mse = {name: F.mse_loss(C.load_student(os.path.join(aligned["out"], name))[0](C.ms_input(raw, 32, "cpu")),
@@ -138,8 +139,9 @@ def test_student_learns_the_teacher_and_the_teacher_is_untouched(aligned, patche
 
 def test_teacher_cache_equals_a_fresh_forward_pass(aligned, patched_run):
     import open_clip
-    teacher, _, _ = open_clip.create_model_and_transforms("rsclip-tiny", pretrained=patched_run["ckpt"])
-    meta = json.load(open(patched_run["ckpt"].replace(".pt", ".json")))
+    teacher, _, _ = open_clip.create_model_and_transforms(
+        "rsclip-tiny", pretrained=os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
+    meta = json.load(open(os.path.join(patched_run["ckpt"], "patched.json")))
     train = C.load_split("eurosat_ms", patched_run["root"], "train", 0)
     raw = C.ImageFiles(train)[list(range(len(train.files)))]["images"]
     with torch.no_grad():
@@ -203,6 +205,8 @@ def test_teacher_that_is_not_a_stage1_output_is_refused(tmp_path, patched_run, c
     args = align_args(patched_run, tmp_path / "out", epochs=1)
     args[args.index("--teacher") + 1] = str(plain)
     expect_error(capsys, args, "clip.pt", "01_patch_clip.py")
+    args[args.index("--teacher") + 1] = str(tmp_path)  # a folder, but not a stage-1 run
+    expect_error(capsys, args, str(tmp_path), "patched.json", "01_patch_clip.py")
     args[args.index("--teacher") + 1] = str(tmp_path / "missing.pt")
     expect_error(capsys, args, "missing.pt", "--teacher")
 
@@ -211,7 +215,7 @@ def test_classes_that_differ_from_the_teacher_are_refused(tmp_path, patched_run,
     root = make_eurosat_ms(tmp_path / "ms", per_class=3, classes=["Forest", "River", "SeaLake"])
     args = align_args(patched_run, tmp_path / "out", epochs=1)
     args[args.index("--root") + 1] = root
-    expect_error(capsys, args, "patched.pt", "classes", "Forest")
+    expect_error(capsys, args, patched_run["ckpt"], "classes", "Forest")
 
 
 def test_nan_loss_stops_and_keeps_the_finished_student(aligned, patched_run, tmp_path, capsys, monkeypatch):
