@@ -38,7 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--student-weights-bands", default="ssl4eo", choices=("ssl4eo", "eurosat"),
                    help="band order of that checkpoint's patch embedding: SSL4EO-S12's (B8A after B08) or "
                         "EuroSAT's (B8A last) (default: ssl4eo)")
-    p.add_argument("--ce-weight", type=float, default=0.05, help="lambda, weight of the text-head loss (default: 0.05)")
+    p.add_argument("--mse-weight", type=float, default=1.0, help="weight of the MSE to the teacher (default: 1; "
+                   "0 with --ce-weight > 0 is the paper's CE-only ablation)")
+    p.add_argument("--ce-weight", type=float, default=0.05, help="lambda, weight of the text-head loss (default: 0.05; "
+                   "0 is the paper's MSE-only ablation)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: no limit)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step (default: 256)")
@@ -61,19 +64,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weight):
-    """The paper's objective, L = MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y).
+def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weight, mse_weight=1.0):
+    """The paper's objective, L = mu * MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y), mu = 1.
 
     s, t: (B, D) student and teacher embeddings (unnormalised, as CLIP's image tower outputs);
     W: the frozen zero-shot head; labels: (B,) class ids, or (B, C) 0/1 targets for multi-label
-    data, which use binary cross-entropy with logits. Returns (L, MSE, CE)."""
+    data, which use binary cross-entropy with logits. mu = --mse-weight and lambda = --ce-weight
+    give the paper's loss ablation (MSE only: lambda 0; CE only: mu 0). Returns (L, MSE, CE)."""
     mse = F.mse_loss(student_emb.float(), teacher_emb.float())
     logits = C.zeroshot_logits(student_emb, head, logit_scale)
     if labels.ndim == 2:
         ce = F.binary_cross_entropy_with_logits(logits, labels.float())
     else:
         ce = F.cross_entropy(logits, labels)
-    return mse + ce_weight * ce, mse, ce
+    return mse_weight * mse + ce_weight * ce, mse, ce
 
 
 def load_backbone_weights(student, path, bands):
@@ -253,7 +257,8 @@ def run(args, argv, session):
                 targets = train_targets[batch["index"]].to(device, non_blocking=True)
                 labels = batch["labels"].to(device, non_blocking=True)
                 with C.autocast(device):
-                    loss, mse, ce = alignment_loss(student(images), targets, head, logit_scale, labels, args.ce_weight)
+                    loss, mse, ce = alignment_loss(student(images), targets, head, logit_scale, labels,
+                                                   args.ce_weight, args.mse_weight)
                 C.check_finite(loss, step, args.out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -10,7 +10,8 @@ the tifs; student_ms: the student on the 13 bands of the same tifs):
   per-class accuracy (mean average precision for multi-label data), as LAION's CLIP_benchmark;
 - text -> image retrieval: each class's head vector ranks the test images; mAP and precision@10;
 and for a student, with its teacher CLIP:
-- cross-modal retrieval of the same scenes, MS -> RGB and RGB -> MS: recall@1, 5, 10;
+- cross-modal retrieval of the same scenes, MS -> RGB and RGB -> MS: recall@1, 5, 10, 20, 50 (the
+  official code's cut-offs);
 - the modality gap: distance between the centroids of the normalised MS and RGB embeddings, and
   the mean cosine of true vs random pairs; before (OUT/student_init.pt, when stage 2 saved it)
   and after alignment.
@@ -57,6 +58,11 @@ def parse_args(argv=None):
                    "labels, files, zero-shot head, logits)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in --out")
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable images, count them")
+    p.add_argument("--summary", nargs="?", const="runs/results.jsonl", default=None, metavar="RESULTS",
+                   help="print the table of a results log instead of evaluating: one row per model, one column "
+                        "per data set, top-1 (mAP for multi-label) and the gain over the un-patched CLIP "
+                        "(default log: runs/results.jsonl)")
+    p.add_argument("--summary-format", default="md", choices=("md", "csv"), help="markdown or csv (default: md)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p.parse_args(argv)
 
@@ -190,9 +196,12 @@ def text_to_image(head, features, targets, classes):
             "per_class_ap": dict(zip(classes, aps.tolist()))}
 
 
+RECALL_AT = (1, 5, 10, 20, 50)  # the official code's cut-offs
+
+
 def cross_modal(ms, rgb):
-    """Recall@1, 5, 10 of MS -> RGB and RGB -> MS retrieval of the same scenes."""
-    return {name: {f"recall@{k}": recall_at_k(ranks, k) for k in (1, 5, 10)}
+    """Recall@k of MS -> RGB and RGB -> MS retrieval of the same scenes, k in RECALL_AT."""
+    return {name: {f"recall@{k}": recall_at_k(ranks, k) for k in RECALL_AT}
             for name, ranks in (("ms_to_rgb", true_match_ranks(ms, rgb)), ("rgb_to_ms", true_match_ranks(rgb, ms)))}
 
 
@@ -332,12 +341,95 @@ def flatten(obj, prefix=""):
     return out
 
 
+def summary_rows(lines):
+    """The paper's table from results-log lines: {row: {column: (value, gain)}}, values in percent.
+
+    A row is one model: an un-patched CLIP (its model and tag), a patched CLIP (its run folder; the
+    teacher of a student's evaluation counts as one too) or a student (its checkpoint), each on the
+    images it reads (clip_rgb or student_ms). A column is one evaluation setting: data set, split,
+    number of images and prompts; settings that differ get separate, marked columns, never one.
+    The cell is top-1 accuracy for single-label data and mAP for multi-label data (the latest line
+    of a row and column wins), and the gain is the difference to the un-patched CLIP of the same
+    model and tag in the same column, as the paper reports its gains."""
+    cells, baselines = {}, {}
+    for line in lines:
+        column = (line["data"], line["split"], line["n_images"], line.get("prompts_sha256"))
+        base = (line["model"].removesuffix("-quickgelu"), line["pretrained"])
+        kind = line["ckpt_kind"]
+        encoders = {"baseline": [("clip_rgb", ("baseline",) + base)],
+                    "patched": [("clip_rgb", ("patched", line["ckpt"]))],
+                    "student": [("clip_rgb", ("patched", line["teacher"])), ("student_ms", ("student", line["ckpt"]))]}
+        for encoder, row in encoders[kind]:
+            value = line.get(f"zeroshot/{encoder}/acc1", line.get(f"zeroshot/{encoder}/mean_average_precision"))
+            if value is not None:
+                cells[row, column] = (100 * value, base)
+        if kind == "baseline":
+            baselines[base, column] = 100 * line["zeroshot/clip_rgb/acc1" if "zeroshot/clip_rgb/acc1" in line
+                                                 else "zeroshot/clip_rgb/mean_average_precision"]
+    table = {}
+    for (row, column), (value, base) in cells.items():
+        reference = baselines.get((base, column))
+        table.setdefault(row, {})[column] = (value, None if reference is None or row[0] == "baseline"
+                                             else value - reference)
+    return table
+
+
+def summary_table(table, fmt="md"):
+    """Text of summary_rows(): markdown (pastes into a README) or csv."""
+    def row_name(row):
+        kind, rest = row[0], row[1:]
+        if kind == "baseline":
+            return f"CLIP {rest[0]} ({rest[1]})"
+        path = os.path.relpath(rest[0]) if not os.path.relpath(rest[0]).startswith("../..") else rest[0]
+        return f"patched CLIP {path}" if kind == "patched" else f"student {path}"
+    columns = sorted({c for cells in table.values() for c in cells}, key=lambda c: (c[0], c[1], c[2], c[3] or ""))
+    labels = []
+    for data, split, n, prompts in columns:
+        same = [c for c in columns if c[:2] == (data, split)]
+        label = f"{data} {split}"
+        if len({c[2] for c in same}) > 1:
+            label += f" ({n} images)"
+        if len({c[3] for c in same}) > 1:
+            label += f" [prompts {(prompts or 'unknown')[:8]}]"
+        labels.append(label)
+    order = sorted(table, key=lambda r: (["baseline", "patched", "student"].index(r[0]), row_name(r)))
+    cell = lambda v: "" if v is None else f"{v[0]:.2f}" + ("" if v[1] is None else f" ({v[1]:+.2f})")  # noqa: E731
+    rows = [[row_name(r)] + [cell(table[r].get(c)) for c in columns] for r in order]
+    if fmt == "csv":
+        import csv
+        import io
+        out = io.StringIO()
+        csv.writer(out).writerows([["model", *labels], *rows])
+        return out.getvalue().rstrip("\n")
+    lines = ["| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def summary(path, fmt):
+    """--summary: the results log as the paper's table."""
+    if not os.path.isfile(path):
+        raise C.UserError(f"no results log {path}; run 03_eval.py first, or pass --summary FILE")
+    try:
+        lines = C.read_jsonl(path)
+    except ValueError as e:
+        raise C.UserError(f"{path} is not a JSON-lines results log ({e}); pass the --results file of 03_eval.py")
+    table = summary_rows(lines)
+    if not table:
+        raise C.UserError(f"{path} holds no zero-shot results; run 03_eval.py first")
+    print(summary_table(table, fmt))
+    if fmt == "md":
+        print("\ntop-1 accuracy (mAP for multi-label data) in %; in brackets the gain over the un-patched CLIP of "
+              "the same model and tag in the same column")
+
+
 # ============================================================================ main
 
 
 def main(argv=None):
     args = parse_args(argv)
     with C.Session(args.debug) as session:
+        if args.summary:
+            return summary(args.summary, args.summary_format)
         run(args, session)
 
 
@@ -366,6 +458,7 @@ def run(args, session):
     clip, meta = models["clip"], models["meta"]
     prompts = meta or {"classnames": scenes.classnames, "templates": scenes.templates}
     head = C.zeroshot_head(clip, models["tokenizer"], prompts["classnames"], prompts["templates"], device).cpu()
+    used_prompts = {"classnames": list(prompts["classnames"]), "templates": list(prompts["templates"])}
     logit_scale = clip.logit_scale.detach().float().cpu()
     preprocess_cfg = dict(clip.visual.preprocess_cfg)
     encoders = {"clip_rgb": lambda raw: clip.encode_image(C.clip_input(raw, preprocess_cfg, device))}
@@ -404,7 +497,7 @@ def run(args, session):
     print_table("text -> image retrieval (class prompts as queries)", ["mean_average_precision", "precision_at_10"],
                 [(name, [t2i[name]["mean_average_precision"], t2i[name]["precision_at_10"]]) for name in evaluated])
     if "cross_modal" in metrics:
-        print_table("cross-modal retrieval of the same scenes", ["recall@1", "recall@5", "recall@10"],
+        print_table("cross-modal retrieval of the same scenes", [f"recall@{k}" for k in RECALL_AT],
                     [(d, list(r.values())) for d, r in metrics["cross_modal"].items()])
         gap = metrics["modality_gap"]
         print_table("modality gap (student MS vs teacher RGB)", list(gap["after"]),
@@ -428,9 +521,11 @@ def run(args, session):
                "teacher_sha256": info["teacher"]["weights_sha256"] if kind == "student" else None,
                "data": scenes.dataset, "root": os.path.abspath(scenes.root), "split": args.split,
                "split_seed": scenes.seed, "n_images": len(labels), "n_classes": len(scenes.classes),
+               "prompts_sha256": C.sha256_of(used_prompts),
                "skipped_files": len(bad), "out": os.path.abspath(args.out)}
     C.write_json(os.path.join(args.out, "metrics.json"),
-                 {**setting, "metrics": metrics, "warnings": warnings, "skipped": bad, "run": run_info})
+                 {**setting, "prompts": used_prompts, "metrics": metrics, "warnings": warnings, "skipped": bad,
+                  "run": run_info})
     if args.save_embeddings:
         C.save_torch(os.path.join(args.out, "embeddings.pt"), {
             "features": features, "logits": logits, "labels": labels, "index": index,
