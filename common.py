@@ -634,6 +634,37 @@ def save_clip(model, config, folder):
     return weights
 
 
+def with_prompts(scenes, path):
+    """The scenes with the class names and templates of a --prompts file,
+    {"classnames": {folder: name, ...}, "templates": ["a satellite photo of {}.", ...]}; either key
+    may be left out to keep the built-in ones. Every class of the data set needs a name."""
+    if path is None:
+        return scenes
+    try:
+        with open(path) as f:
+            prompts = json.load(f)
+        assert isinstance(prompts, dict) and set(prompts) <= {"classnames", "templates"} and prompts
+    except OSError as e:
+        raise UserError(f"--prompts {path} cannot be read ({e.strerror}); pass a JSON file")
+    except (ValueError, AssertionError):
+        raise UserError(f"--prompts {path} is not a JSON object with 'classnames' ({{folder: name}}) and/or "
+                        f"'templates' ([\"... {{}} ...\"]); fix the file")
+    names, templates = prompts.get("classnames"), prompts.get("templates")
+    if names is not None:
+        missing = [c for c in scenes.classes if not isinstance(names, dict) or not isinstance(names.get(c), str)]
+        if missing:
+            raise UserError(f"--prompts {path} has no class name for {missing[0]!r}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                            + f" of {scenes.dataset}; add it under 'classnames'")
+        scenes = replace(scenes, classnames=[names[c] for c in scenes.classes])
+    if templates is not None:
+        if not isinstance(templates, list) or not templates or \
+                not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+            raise UserError(f"--prompts {path}: 'templates' must be a list of strings with one '{{}}' each; fix the file")
+        scenes = replace(scenes, templates=tuple(templates))
+    return scenes
+
+
 @torch.no_grad()
 def zeroshot_head(model, tokenizer, classnames, templates, device):
     """The zero-shot head W (embed_dim, classes): for each class c,
