@@ -6,16 +6,17 @@
         --root ../shared/data/eurosat_ms_sample --epochs 1 --out runs/smoke/patch   # CPU smoke run
 
 1. Zero-shot head W from class names x prompt templates with the text tower (frozen).
-2. Fine-tune the image tower with cross-entropy through W (AdamW, warm-up + cosine, grad clip).
+2. Fine-tune the image tower with cross-entropy through W (binary cross-entropy for multi-label
+   data such as BigEarthNet; AdamW, warm-up + cosine, grad clip).
 3. Interpolate every weight of the image tower, theta(a) = (1 - a) theta_zs + a theta_ft, for each
-   a in --alphas; evaluate each on the task's validation split and, with --control, zero-shot on a
-   control data set; keep the a that maximises their mean (PAINT's rule).
-Writes OUT/args.json, log.jsonl, metrics.json, finetuned.pt (the fine-tuned image tower) and the
-patched CLIP in open_clip's own folder format: open_clip_config.json (model config and
-preprocessing) and open_clip_model.safetensors, so that
-open_clip.create_model_and_transforms("local-dir:OUT") rebuilds it; patched.json (alpha, classes,
-prompts, split, weights hash) is written last and marks the run as finished. Stages 2 and 3 take
-OUT as --teacher / --ckpt.
+   a in --alphas; evaluate each on the task's validation split (accuracy; mAP for multi-label data)
+   and, with --control, zero-shot on a control data set; keep the a that maximises their mean (PAINT's rule).
+Writes OUT/args.json, log.jsonl, metrics.json, finetuned.pt (the fine-tuned image tower),
+train_scenes.txt (the scenes it trained on, which stage 3 checks) and the patched CLIP in
+open_clip's own folder format: open_clip_config.json (model config and preprocessing) and
+open_clip_model.safetensors, so that open_clip.create_model_and_transforms("local-dir:OUT")
+rebuilds it; patched.json (alpha, classes, prompts, split, weights hash) is written last and marks
+the run as finished. Stages 2 and 3 take OUT as --teacher / --ckpt.
 """
 import argparse
 import copy
@@ -47,6 +48,9 @@ def parse_args(argv=None):
                    "released config used 0.5)")
     p.add_argument("--warmup", type=int, default=200,
                    help="linear warm-up steps, capped at a tenth of the run (default: 200)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the fine-tuning loss, 0..1 (default: 0.0; the official code uses 0.2 "
+                        "for BigEarthNet)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
     p.add_argument("--augment", default="flip", choices=("flip", "none"),
                    help="random horizontal/vertical flips during fine-tuning (default: flip)")
@@ -88,13 +92,25 @@ def interpolate_weights(theta_0, theta_1, alpha):
     return patched
 
 
-def accuracy(model, head, dataset, preprocess_cfg, args, device, bad):
-    """Zero-shot top-1 accuracy of `model` through `head` on a dataset of raw images."""
+def patching_loss(logits, labels, label_smoothing):
+    """The fine-tuning loss through the frozen head: cross-entropy for one class per image; for
+    (B, C) 0/1 multi-label targets binary cross-entropy with each target moved towards 0.5 by
+    label_smoothing / 2 (timm's BinaryCrossEntropy with smooth_dense)."""
+    if labels.ndim == 2:
+        from timm.loss import BinaryCrossEntropy
+        return BinaryCrossEntropy(smoothing=label_smoothing, smooth_dense=True)(logits.float(), labels.float())
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def zeroshot_score(model, head, dataset, preprocess_cfg, args, device, bad):
+    """Zero-shot top-1 accuracy, or mean average precision for multi-label data, of `model`
+    through `head` on a dataset of raw images: (metric name, value)."""
     loader = C.batch_loader(dataset, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
-    features, labels, _ = C.embed(model.encode_image, loader, lambda raw: C.clip_input(raw, preprocess_cfg, device),
+    pixels = dataset.scenes.pixels
+    features, labels, _ = C.embed(model.encode_image, loader,
+                                  lambda raw: C.clip_input(raw, preprocess_cfg, device, pixels=pixels),
                                   device, args.skip_bad_files, bad, desc="eval")
-    logits = C.zeroshot_logits(features, head.cpu(), model.logit_scale.detach().cpu())
-    return (logits.argmax(1) == labels).float().mean().item()
+    return C.zeroshot_score(C.zeroshot_logits(features, head.cpu(), model.logit_scale.detach().cpu()), labels)
 
 
 def main(argv=None):
@@ -120,7 +136,8 @@ def run(args, argv, session):
         control = C.load_split(args.control, args.control_root, "val", args.split_seed)
         control_ds = C.open_images(control, args.cache, args.workers)
     print(f"{args.data}: {len(train_ds)} train / {len(val_ds)} val images of {len(train.classes)} classes "
-          f"from {train.root}" + (f"; control {args.control}: {len(control_ds)} val images" if control else ""))
+          f"from {train.root}" + (f"; control {args.control}: {len(control_ds)} val images" if control else "")
+          + C.left_out_note(train))
 
     # ------------------------------------------------------------------ model and zero-shot head
     model, tokenizer, clip_config = C.load_clip(args.model, args.pretrained, device)
@@ -137,7 +154,7 @@ def run(args, argv, session):
     # ------------------------------------------------------------------ run folder (every input is checked)
     C.lock_run_dir(session, args.out, args.resume, stale=("last.pt", "log.jsonl", "alphas.jsonl"))
     session.on_stop = C.stop_note(args.out, __file__, argv)
-    batches_per_epoch = -(-len(train_ds) // args.batch_size)
+    batches_per_epoch = C.training_batches(len(train_ds), args.batch_size)
     total_steps = args.epochs * batches_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
@@ -176,11 +193,12 @@ def run(args, argv, session):
                 if len(batch["index"]) == 0:
                     continue
                 flips = (args.seed, step) if args.augment == "flip" else None
-                images = C.clip_input(batch["images"], preprocess_cfg, device, flip_seed_step=flips)
+                images = C.clip_input(batch["images"], preprocess_cfg, device, flip_seed_step=flips,
+                                      pixels=train.pixels)
                 labels = batch["labels"].to(device)
                 with C.autocast(device):
                     logits = C.zeroshot_logits(model.encode_image(images), head, model.logit_scale)
-                    loss = F.cross_entropy(logits, labels)
+                    loss = patching_loss(logits, labels, args.label_smoothing)
                 C.check_finite(loss, step, args.out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -207,27 +225,31 @@ def run(args, argv, session):
     done_path = os.path.join(args.out, "alphas.jsonl")  # the sweep so far: a resumed run skips these
     done = {round(row["alpha"], 6): row for row in C.read_jsonl(done_path)} if os.path.exists(done_path) else {}
     rows = []
-    print(f"{'alpha':>6} {'task':>8} {'control':>8}")
+    print(f"{'alpha':>6} {'task':>8} {'control':>8}  (accuracy; mAP for multi-label data)")
     for alpha in alphas:
         row = done.get(round(alpha, 6))
         if row is None:
             model.visual.load_state_dict(interpolate_weights(theta_zeroshot, theta_finetuned, alpha))
             model.eval()
-            row = {"alpha": alpha, "task_acc": accuracy(model, head, val_ds, preprocess_cfg, args, device, bad)}
+            name, value = zeroshot_score(model, head, val_ds, preprocess_cfg, args, device, bad)
+            row = {"alpha": alpha, f"task_{name}": value}
             if control:
-                row["control_acc"] = accuracy(model, control_head, control_ds, preprocess_cfg, args, device, bad)
+                name, value = zeroshot_score(model, control_head, control_ds, preprocess_cfg, args, device, bad)
+                row[f"control_{name}"] = value
             C.append_jsonl(done_path, row)
         rows.append(row)
-        print(f"{alpha:6.2f} {row['task_acc']:8.4f} " + (f"{row['control_acc']:8.4f}" if control else f"{'-':>8}"))
-    if control:  # PAINT: the alpha with the best mean of task and control accuracy (the smallest on ties)
-        chosen = max(rows, key=lambda r: ((r["task_acc"] + r["control_acc"]) / 2, -r["alpha"]))["alpha"]
-        print(f"chose alpha {chosen}: best mean of task and control accuracy")
+        print(f"{alpha:6.2f} " + " ".join(f"{v:8.4f}" for k, v in row.items() if k != "alpha")
+              + ("" if control else f" {'-':>8}"))
+    if control:  # PAINT: the alpha with the best mean of task and control metric (the smallest on ties)
+        chosen = max(rows, key=lambda r: (sum(v for k, v in r.items() if k != "alpha") / 2, -r["alpha"]))["alpha"]
+        print(f"chose alpha {chosen}: best mean of task and control metric")
     else:
         chosen = args.alpha
         print(f"no --control given: kept --alpha {chosen} (PAINT picks alpha on a control task)")
 
     # ------------------------------------------------------------------ save
     model.visual.load_state_dict(interpolate_weights(theta_zeroshot, theta_finetuned, chosen))
+    train_scenes_sha256 = C.write_scenes(os.path.join(args.out, "train_scenes.txt"), train)  # stage 3 checks them
     weights = C.save_clip(model, clip_config, args.out)  # open_clip's folder format: "local-dir:OUT"
     C.write_json(os.path.join(args.out, "metrics.json"), {
         "epochs": progress["history"], "alphas": rows, "chosen_alpha": chosen, "control": args.control, "steps": step,
@@ -237,6 +259,7 @@ def run(args, argv, session):
         "pretrained": args.pretrained, "alpha": chosen, "dataset": args.data, "classes": train.classes,
         "classnames": train.classnames, "templates": list(train.templates), "split_seed": args.split_seed,
         "split_fractions": C.SPLIT_FRACTIONS, "preprocess_cfg": preprocess_cfg,
+        "train_scenes": "train_scenes.txt", "train_scenes_sha256": train_scenes_sha256,
         "weights": C.OPEN_CLIP_WEIGHTS, "weights_sha256": C.sha256_of(weights)})
     for scratch in ("last.pt", "alphas.jsonl"):  # the run is finished; finetuned.pt keeps the fine-tuned tower
         if os.path.exists(os.path.join(args.out, scratch)):

@@ -7,7 +7,7 @@
         --root ../shared/data/eurosat_ms_sample --input-size 64 --epochs 1 --out runs/smoke/align  # CPU smoke run
 
 The teacher, the image tower of stage 1's patched CLIP, frozen, sees the RGB composite of each
-tif (B04, B03, B02 x 255/3558) through CLIP's preprocessing; the student, a ViT-S/16 with a
+scene (B04, B03, B02 x 255/3558 for L1C, x 255/2000 for BigEarthNet's L2A) through CLIP's preprocessing; the student, a ViT-S/16 with a
 13-band patch embedding and a linear projection, sees all 13 bands as reflectance. Loss:
     L = MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y)           (alignment_loss)
 with s, t the student's and teacher's embeddings of the same scene, W the frozen zero-shot head
@@ -30,8 +30,8 @@ import common as C
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="runs/patch", help="stage 1's run folder, the patched CLIP (default: runs/patch)")
-    p.add_argument("--data", default="eurosat_ms", choices=["eurosat_ms"], help="13-band data set (default: eurosat_ms)")
-    p.add_argument("--root", default=None, help="its folder (default: data/EuroSAT_MS, see README)")
+    p.add_argument("--data", default="eurosat_ms", choices=C.MS_DATASETS, help="Sentinel-2 data set (default: eurosat_ms)")
+    p.add_argument("--root", default=None, help="its folder (default: data/<name>, see README)")
     p.add_argument("--student", default="vit_small_patch16_224", help="timm architecture (default: vit_small_patch16_224)")
     p.add_argument("--input-size", type=int, default=None, help="student input side in pixels (default: the timm model's, 224)")
     p.add_argument("--student-weights", default=None, help="SSL4EO-S12-style backbone checkpoint (default: random init)")
@@ -147,7 +147,8 @@ def teacher_embeddings(teacher, meta, dataset, scenes, args, device, bad):
             return cached["embeddings"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     loader = C.batch_loader(dataset, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
-    features, _, index = C.embed(teacher.encode_image, loader, lambda raw: C.clip_input(raw, preprocess_cfg, device),
+    prepare = lambda raw: C.clip_input(raw, preprocess_cfg, device, pixels=scenes.pixels)  # noqa: E731
+    features, _, index = C.embed(teacher.encode_image, loader, prepare,
                                  device, args.skip_bad_files, bad, desc=f"teacher {scenes.split}")
     embeddings = torch.full((len(dataset), features.shape[1]), float("nan"))
     embeddings[index] = features
@@ -157,14 +158,14 @@ def teacher_embeddings(teacher, meta, dataset, scenes, args, device, bad):
 
 @torch.no_grad()
 def validate(student, dataset, teacher_emb, head, logit_scale, args, device, bad):
-    """Validation MSE to the teacher and zero-shot accuracy of the student through the text head."""
+    """Validation MSE to the teacher and the student's zero-shot score through the text head:
+    (mse, metric name ('acc', or 'map' for multi-label data), value)."""
     student.eval()
     loader = C.batch_loader(dataset, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
-    features, labels, index = C.embed(student, loader, lambda raw: C.ms_input(raw, student.input_size, device),
-                                      device, args.skip_bad_files, bad, desc="val")
+    prepare = lambda raw: C.ms_input(raw, student.input_size, device, pixels=dataset.scenes.pixels)  # noqa: E731
+    features, labels, index = C.embed(student, loader, prepare, device, args.skip_bad_files, bad, desc="val")
     mse = F.mse_loss(features, teacher_emb[index]).item()
-    accuracy = (C.zeroshot_logits(features, head.cpu(), logit_scale.cpu()).argmax(1) == labels).float().mean().item()
-    return mse, accuracy
+    return (mse, *C.zeroshot_score(C.zeroshot_logits(features, head.cpu(), logit_scale.cpu()), labels))
 
 
 def main(argv=None):
@@ -190,10 +191,14 @@ def run(args, argv, session):
     train = C.load_split(args.data, args.root, "train", meta["split_seed"])
     val = C.load_split(args.data, train.root, "val", meta["split_seed"])
     C.check_classes(meta["classes"], train, f"--teacher {args.teacher}")
+    if "train_scenes" in meta:  # the teacher chose alpha on these val scenes: it must not have trained on them
+        teacher_scenes = C.read_scenes(os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),
+                                       meta["train_scenes_sha256"])
+        C.check_held_out(val, teacher_scenes, f"--teacher {args.teacher}")
     train_ds = C.open_images(train, args.cache, args.workers)
     val_ds = C.open_images(val, args.cache, args.workers)
-    print(f"{args.data}: {len(train_ds)} train / {len(val_ds)} val tifs of {len(train.classes)} classes from "
-          f"{train.root} (split seed {meta['split_seed']}, from the teacher)")
+    print(f"{args.data}: {len(train_ds)} train / {len(val_ds)} val scenes of {len(train.classes)} classes from "
+          f"{train.root} (split seed {meta['split_seed']}, from the teacher)" + C.left_out_note(train))
 
     # ------------------------------------------------------------------ student and the teacher's targets
     embed_dim = teacher.visual.output_dim  # CLIP's joint embedding size
@@ -206,7 +211,8 @@ def run(args, argv, session):
     # ------------------------------------------------------------------ run folder (every input is checked)
     C.lock_run_dir(session, args.out, args.resume)
     session.on_stop = C.stop_note(args.out, __file__, argv)
-    record = lambda: C.student_record(student, args.student, meta, args.teacher, args.data)  # noqa: E731
+    record = lambda: {**C.student_record(student, args.student, meta, args.teacher, args.data),  # noqa: E731
+                      "train_scenes": sorted(map(C.scene_id, train.files))}  # stage 3 checks its test scenes
     if not args.resume:
         C.save_torch(os.path.join(args.out, "student_init.pt"), record())
     print(f"student {args.student}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
@@ -215,7 +221,7 @@ def run(args, argv, session):
     val_targets = teacher_embeddings(teacher, meta, val_ds, val, args, device, bad)
 
     # ------------------------------------------------------------------ training
-    batches_per_epoch = -(-len(train_ds) // args.batch_size)
+    batches_per_epoch = C.training_batches(len(train_ds), args.batch_size)
     total_steps = args.epochs * batches_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
@@ -232,13 +238,13 @@ def run(args, argv, session):
 
     def close_epoch(this_epoch):
         sums = progress["running"]  # this epoch's loss sums, kept in last.pt
-        val_mse, val_acc = validate(student, val_ds, val_targets, head, logit_scale, args, device, bad)
+        val_mse, metric, val_score = validate(student, val_ds, val_targets, head, logit_scale, args, device, bad)
         n = max(1, sums["batches"])
         row = {"epoch": this_epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
-               "train_mse": sums["mse"] / n, "train_ce": sums["ce"] / n, "val_mse": val_mse, "val_acc": val_acc}
+               "train_mse": sums["mse"] / n, "train_ce": sums["ce"] / n, "val_mse": val_mse, f"val_{metric}": val_score}
         C.end_epoch(args.out, args, row, step, epoch, start_batch, progress, **state)
         print(f"epoch {this_epoch}: train mse {row['train_mse']:.4f} ce {row['train_ce']:.4f} | "
-              f"val mse {val_mse:.4f} zero-shot acc {val_acc:.4f}")
+              f"val mse {val_mse:.4f} zero-shot {metric} {val_score:.4f}")
 
     print(f"training {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")
     with session.deferred():  # Ctrl-C / SIGTERM: finish the step, save last.pt, stop
@@ -253,7 +259,7 @@ def run(args, argv, session):
                 C.check_bad_files(batch, args.skip_bad_files, bad)
                 if len(batch["index"]) == 0:
                     continue
-                images = C.ms_input(batch["images"], student.input_size, device)
+                images = C.ms_input(batch["images"], student.input_size, device, pixels=train.pixels)
                 targets = train_targets[batch["index"]].to(device, non_blocking=True)
                 labels = batch["labels"].to(device, non_blocking=True)
                 with C.autocast(device):

@@ -1,7 +1,7 @@
 """Stage 3: evaluate what stages 1 and 2 made, on the test split they held out.
 
     python 03_eval.py --ckpt runs/align/student.pt --data eurosat_ms    # the aligned student and its teacher
-    python 03_eval.py --ckpt runs/patch/patched.pt --data eurosat       # a patched CLIP on RGB
+    python 03_eval.py --ckpt runs/patch --data eurosat                  # a patched CLIP on RGB
     python 03_eval.py --model ViT-B-32 --pretrained openai --data eurosat   # the un-patched baseline
 
 Measures, for each image encoder (clip_rgb: the CLIP on RGB images or on the RGB composites of
@@ -35,11 +35,11 @@ CKPT_HINT = ("pass --ckpt OUT, the run folder of 01_patch_clip.py (a patched CLI
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="patched.pt of stage 1 or student.pt of stage 2 "
+    p.add_argument("--ckpt", default=None, help="stage 1's run folder (a patched CLIP) or stage 2's student.pt "
                    "(default: none, evaluate the un-patched --model/--pretrained)")
     p.add_argument("--model", default=None, help="open_clip model of the un-patched baseline (default: ViT-B-32)")
     p.add_argument("--pretrained", default=None, help="its open_clip tag, weights file, or 'none' (default: openai)")
-    p.add_argument("--teacher", default=None, help="the student's teacher (default: the patched.pt it records)")
+    p.add_argument("--teacher", default=None, help="the student's teacher, a stage-1 run folder (default: the one it records)")
     p.add_argument("--data", default=None, choices=C.DATASETS,
                    help="data set (default: the checkpoint's; eurosat for the baseline)")
     p.add_argument("--root", default=None, help="its folder (default: data/<name>, see README)")
@@ -89,31 +89,6 @@ def balanced_accuracy(pred, labels, n_classes):
     """Mean per-class recall (CLIP_benchmark's mean_per_class_recall, sklearn's
     balanced_accuracy_score): per-class recall averaged over the classes that have images."""
     return per_class_recall(pred, labels, n_classes).nanmean().item()
-
-
-def average_precision(scores, positives):
-    """Average precision (sklearn's average_precision_score): AP = sum_n (R_n - R_{n-1}) P_n over
-    the distinct scores n in decreasing order, precision P_n and recall R_n of the images scoring
-    >= n; tied scores form one threshold. NaN when there are no positives."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    s, y = scores[order], positives[order].double()
-    if y.sum() == 0:
-        return math.nan
-    last_of_tie = torch.ones(len(s), dtype=torch.bool)
-    last_of_tie[:-1] = s[1:] != s[:-1]
-    true_pos = y.cumsum(0)[last_of_tie]
-    precision = true_pos / torch.arange(1, len(s) + 1, dtype=torch.double)[last_of_tie]
-    recall = true_pos / true_pos[-1]
-    return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
-
-
-def mean_average_precision(scores, targets):
-    """Mean average precision (CLIP_benchmark's mean_average_precision for multi-label data): AP
-    of each class's column of scores against its 0/1 targets, averaged over the classes with at
-    least one positive. Returns (mAP, per-class APs). Equal to CLIP_benchmark's when no scores tie
-    and every class has positives (it ranks ties in sort order and counts such classes as 0)."""
-    aps = torch.tensor([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
-    return aps.nanmean().item(), aps
 
 
 def precision_at_k(scores, positives, k=10):
@@ -177,7 +152,7 @@ def as_targets(labels, n_classes):
 def zeroshot_metrics(logits, labels, classes):
     """Zero-shot classification metrics of one encoder, as CLIP_benchmark reports them."""
     if labels.ndim == 2:
-        mean_ap, aps = mean_average_precision(logits, labels)
+        mean_ap, aps = C.mean_average_precision(logits, labels)
         return {"mean_average_precision": mean_ap, "per_class_ap": dict(zip(classes, aps.tolist()))}
     pred = logits.argmax(dim=1)
     return {"acc1": topk_accuracy(logits, labels, 1), "acc5": topk_accuracy(logits, labels, 5),
@@ -189,7 +164,7 @@ def text_to_image(head, features, targets, classes):
     """Each class's zero-shot head vector as a query over the images: AP and precision@10 per class,
     their means over the classes with at least one image."""
     scores = F.normalize(features.float(), dim=-1) @ head
-    mean_ap, aps = mean_average_precision(scores, targets)
+    mean_ap, aps = C.mean_average_precision(scores, targets)
     p10 = torch.tensor([precision_at_k(scores[:, c], targets[:, c], 10) if targets[:, c].any() else math.nan
                         for c in range(len(classes))])
     return {"mean_average_precision": mean_ap, "precision_at_10": p10.nanmean().item(),
@@ -271,8 +246,27 @@ def resolve_data(args, kind, info):
     if info:
         C.check_classes(info["classes"], scenes, args.ckpt)
     if kind == "student" and scenes.modality != "ms":
-        raise C.UserError(f"a student reads 13-band Sentinel-2 tifs, --data {data} is RGB; pass --data eurosat_ms")
+        raise C.UserError(f"a student reads Sentinel-2 bands, --data {data} is RGB; pass "
+                          + " or ".join(f"--data {name}" for name in C.MS_DATASETS))
     return scenes
+
+
+def check_not_trained_on(scenes, args, kind, info, meta):
+    """Refuse a split that holds scenes the patched CLIP (its train_scenes.txt) or the student (its
+    record) was trained on; say so when a checkpoint records none (written by an older version)."""
+    sources = []
+    if meta is not None:
+        clip_path = args.ckpt if kind == "patched" else args.teacher
+        if "train_scenes" in meta:
+            trained = C.read_scenes(os.path.join(C.patched_folder(clip_path), meta["train_scenes"]),
+                                    meta["train_scenes_sha256"])
+            sources.append((trained, clip_path))
+        else:
+            print(f"note: {clip_path} records no training scenes; cannot check that the {args.split} split is held out")
+    if kind == "student":
+        sources.append((set(info.get("train_scenes", ())), args.ckpt))
+    for trained, path in sources:
+        C.check_held_out(scenes, trained, path)
 
 
 def load_models(args, kind, info, device):
@@ -443,6 +437,7 @@ def run(args, session):
     args.out = args.out or default_out(args, scenes)
     dataset = C.open_images(scenes, args.cache, args.workers)
     models = load_models(args, kind, info, device)  # all bad input is refused before the run folder is made
+    check_not_trained_on(scenes, args, kind, info, models["meta"])
     C.check_run_dir(args.out, "metrics.json", args.overwrite)
     if os.path.isdir(args.results):
         raise C.UserError(f"the results log {args.results} is a folder; pass --results FILE")
@@ -452,7 +447,8 @@ def run(args, session):
     run_info = C.describe_run(args, device)
     C.write_json(os.path.join(args.out, "args.json"), run_info)
     print(f"{scenes.dataset} {args.split} split (seed {scenes.seed}): {len(dataset)} images of "
-          f"{len(scenes.classes)} classes from {scenes.root}; checkpoint: {args.ckpt or 'un-patched ' + args.model}")
+          f"{len(scenes.classes)} classes from {scenes.root}; checkpoint: {args.ckpt or 'un-patched ' + args.model}"
+          + C.left_out_note(scenes))
 
     # ------------------------------------------------------------------ zero-shot head and image encoders
     clip, meta = models["clip"], models["meta"]
@@ -461,10 +457,11 @@ def run(args, session):
     used_prompts = {"classnames": list(prompts["classnames"]), "templates": list(prompts["templates"])}
     logit_scale = clip.logit_scale.detach().float().cpu()
     preprocess_cfg = dict(clip.visual.preprocess_cfg)
-    encoders = {"clip_rgb": lambda raw: clip.encode_image(C.clip_input(raw, preprocess_cfg, device))}
+    pixels = scenes.pixels
+    encoders = {"clip_rgb": lambda raw: clip.encode_image(C.clip_input(raw, preprocess_cfg, device, pixels=pixels))}
     for name in ("student", "student_init"):
         if models[name] is not None:
-            encoders[f"{name}_ms"] = lambda raw, s=models[name]: s(C.ms_input(raw, s.input_size, device))
+            encoders[f"{name}_ms"] = lambda raw, s=models[name]: s(C.ms_input(raw, s.input_size, device, pixels=pixels))
 
     # ------------------------------------------------------------------ embeddings (once per encoder)
     bad = {}

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -90,15 +91,23 @@ class Session:
 
 
 # ============================================================================ data
+#
+# A data set is one entry of DATA (at the end of this section): its modality, default root,
+# lister (files, labels, class names), reader, templates, pixel format (bands, RGB constant) and
+# whether it has official splits and multi-label targets. The stages never branch on its name.
 
-# Sentinel-2 L1C band order of the EuroSAT MS GeoTIFFs (B8A comes last).
+# Sentinel-2 band order of the EuroSAT MS GeoTIFFs (B8A comes last): the student's input order.
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A")
 # Band order of the SSL4EO-S12 L1C pretraining data (B8A right after B08).
 SSL4EO_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 RGB_BANDS = ("B04", "B03", "B02")  # red, green, blue
-RGB_MAX = 3558.0  # L1C digital number shown as grey level 255 in the EuroSAT RGB release
-RGB_SCALE = 255.0 / RGB_MAX  # digital number -> 8-bit grey level
-REFLECTANCE_SCALE = 1.0 / 10000.0  # L1C digital number -> top-of-atmosphere reflectance
+L1C_RGB_MAX = 3558.0  # L1C digital number shown as grey level 255 in the EuroSAT RGB release
+L2A_RGB_MAX = 2000.0  # L2A digital number shown as 255 in the official code's BigEarthNet RGB
+REFLECTANCE_SCALE = 1.0 / 10000.0  # digital number -> reflectance (L1C top of atmosphere, L2A surface)
+# BigEarthNet-S2 v1.0 stores each L2A band at its own resolution (no B10): 10 m, 20 m, 60 m.
+BIGEARTHNET_BANDS = (("B02", "B03", "B04", "B08"), ("B05", "B06", "B07", "B8A", "B11", "B12"), ("B01", "B09"))
+BIGEARTHNET_SIZES = (120, 60, 20)  # pixels a side of each group
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bigearthnet")  # official lists
 
 # The CLIP paper's EuroSAT class names and templates, keyed by EuroSAT's folder names.
 EUROSAT_CLASSNAMES = {
@@ -116,11 +125,48 @@ RESISC45_TEMPLATES = tuple(f"{view} of {article}{{}}." for article in ("", "a ",
                                         "aerial photo", "satellite view", "aerial view"))
 GENERIC_TEMPLATES = ("a satellite photo of {}.", "a satellite photo of a {}.", "a satellite photo of the {}.")
 
-DATASETS = ("eurosat", "eurosat_ms", "resisc45", "folder")
-DEFAULT_ROOTS = {"eurosat": "data/eurosat", "eurosat_ms": "data/EuroSAT_MS",
-                 "resisc45": "data/NWPU-RESISC45", "folder": None}
-SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}  # per class, see split_indices()
+SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}  # without official splits, see hashed_split()
 RGB_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+TIF_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """How an 'ms' data set stores its bands: the band names of each stored array (one array per
+    resolution), and the digital number its RGB composite shows as grey level 255."""
+    bands: tuple
+    rgb_max: float
+
+
+@dataclass
+class Scenes:
+    """A list of labelled scenes (image files or patch folders) of one data set."""
+    dataset: str
+    root: str
+    modality: str  # 'rgb' (8-bit images) or 'ms' (Sentinel-2 bands)
+    classes: list  # folder or label names
+    classnames: list  # names used in the prompts
+    templates: tuple
+    files: list = field(default_factory=list)  # paths relative to root
+    labels: np.ndarray = None  # (N,) class ids, or (N, C) 0/1 targets for multi-label data
+    split: str = "all"
+    seed: int = None
+    official_split: list = None  # each file's split where the data set has official splits
+    left_out: dict = field(default_factory=dict)  # reason -> number of scenes on disk not listed
+    unusable: dict = field(default_factory=dict)  # file -> reason found while listing (reported when read)
+
+    @property
+    def pixels(self):
+        return DATA[self.dataset].pixels
+
+    @property
+    def multilabel(self):
+        return self.labels is not None and self.labels.ndim == 2
+
+    def subset(self, indices, split):
+        official = None if self.official_split is None else [self.official_split[i] for i in indices]
+        return replace(self, files=[self.files[i] for i in indices], labels=self.labels[indices], split=split,
+                       official_split=official)
 
 
 def folder_classname(folder):
@@ -128,115 +174,224 @@ def folder_classname(folder):
     return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", folder).replace("_", " ").replace("-", " ").lower()
 
 
-@dataclass
-class Scenes:
-    """A list of labelled image files of one modality ('rgb' 8-bit images or 'ms' 13-band tifs)."""
-    dataset: str
-    root: str
-    modality: str
-    classes: list  # folder names, sorted
-    classnames: list  # names used in the prompts
-    templates: tuple
-    files: list = field(default_factory=list)  # paths relative to root
-    labels: np.ndarray = None
-    split: str = "all"
-    seed: int = None
-
-    def subset(self, indices, split):
-        return replace(self, files=[self.files[i] for i in indices], labels=self.labels[indices], split=split)
+def download_eurosat(root):
+    """torchvision's EuroSAT download into root/eurosat/2750/; a failed download leaves nothing behind."""
+    import shutil
+    made = next((p for p in (root, os.path.join(root, "eurosat")) if not os.path.exists(p)), None)
+    try:
+        torchvision.datasets.EuroSAT(root, download=True)
+    except Exception as e:
+        if made:  # the outermost folder the download made
+            shutil.rmtree(made, ignore_errors=True)
+        raise UserError(f"could not download EuroSAT into {root} ({type(e).__name__}: {str(e)[:160]}); nothing "
+                        f"was kept; fetch it elsewhere and pass --root DIR holding eurosat/2750/<Class>/*.jpg")
 
 
-def list_scenes(dataset, root=None, download=False):
-    """All labelled files of a dataset in its on-disk class-folder layout, sorted."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown --data '{dataset}'; choose one of {', '.join(DATASETS)}")
-    root = root or DEFAULT_ROOTS[dataset]
-    if root is None:
-        raise UserError(f"--data {dataset} needs --root DIR, a folder with one sub-folder of images per class")
-    folder = root
-    if dataset == "eurosat":
-        if download:
-            try:  # torchvision's downloader writes ROOT/eurosat/2750/<Class>/<Class>_<n>.jpg
-                torchvision.datasets.EuroSAT(root, download=True)
-            except Exception as e:
-                raise UserError(f"could not download EuroSAT into {root} ({type(e).__name__}: {e}); "
-                                f"fetch it elsewhere and pass --root DIR holding eurosat/2750/<Class>/*.jpg")
-        for candidate in (os.path.join(root, "eurosat", "2750"), os.path.join(root, "2750"), root):
-            if os.path.isdir(candidate):
-                folder = candidate
-                break
+def list_class_folders(dataset, root, download=False, suffixes=RGB_SUFFIXES, classnames=folder_classname,
+                       subfolders=(), fetch=None):
+    """A class-folder data set: <folder>/<ClassName>/<files>, with <folder> the first of `subfolders`
+    under root that exists, or root. `classnames`: a dict (folder -> prompt name; other folders are
+    refused) or a function of the folder name."""
+    if download and fetch:
+        fetch(root)
+    folder = next((os.path.join(root, s) for s in subfolders if os.path.isdir(os.path.join(root, s))), root)
     if not os.path.isdir(folder):
-        hint = " or pass --download" if dataset == "eurosat" else ""
+        hint = " or pass --download" if fetch else ""
         raise UserError(f"data folder {folder} does not exist; pass --root DIR{hint}")
-    suffixes = (".tif", ".tiff") if dataset == "eurosat_ms" else RGB_SUFFIXES
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:
         raise UserError(f"{folder} has no class sub-folders; expected {folder}/<ClassName>/<image files>")
     files, labels = [], []
     for label, name in enumerate(classes):
-        names = sorted(f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(suffixes))
+        listed = sorted(os.listdir(os.path.join(folder, name)))
+        names = [f for f in listed if f.lower().endswith(suffixes)]
         if not names:
-            raise UserError(f"class folder {os.path.join(folder, name)} holds no {'/'.join(suffixes)} files; "
-                            f"add its images or remove the folder")
+            rgb = [f for f in listed if f.lower().endswith(RGB_SUFFIXES)]
+            hint = (f"its files ({rgb[0]}, ...) look like RGB images: pass --data eurosat or --data folder"
+                    if rgb else "add its images or remove the folder")
+            raise UserError(f"class folder {os.path.join(folder, name)} holds no {'/'.join(suffixes)} files "
+                            f"for --data {dataset}; {hint}")
         files += [os.path.join(name, f) for f in names]
         labels += [label] * len(names)
-    if dataset in ("eurosat", "eurosat_ms"):
-        unknown = [c for c in classes if c not in EUROSAT_CLASSNAMES]
+    if isinstance(classnames, dict):
+        unknown = [c for c in classes if c not in classnames]
         if unknown:
-            raise UserError(f"{folder} has folders {unknown} that are not EuroSAT classes; use --data folder")
-        classnames, templates = [EUROSAT_CLASSNAMES[c] for c in classes], EUROSAT_TEMPLATES
-    elif dataset == "resisc45":
-        classnames, templates = [c.replace("_", " ") for c in classes], RESISC45_TEMPLATES
+            raise UserError(f"{folder} has folders {unknown} that are not {dataset} classes; use --data folder")
+        names = [classnames[c] for c in classes]
     else:
-        classnames, templates = [folder_classname(c) for c in classes], GENERIC_TEMPLATES
-    modality = "ms" if dataset == "eurosat_ms" else "rgb"
-    return Scenes(dataset, folder, modality, classes, classnames, templates, files, np.array(labels, np.int64))
+        names = [classnames(c) for c in classes]
+    return dict(root=folder, classes=classes, classnames=names, files=files, labels=np.array(labels, np.int64))
+
+
+def bigearthnet_nomenclature():
+    """The official nomenclature (data/bigearthnet/nomenclature.json, copied from the BigEarthNet
+    releases): 43 label names in index order, the 19- and 5-class names and the 43 -> 19 / 5 maps."""
+    with open(os.path.join(SHIPPED, "nomenclature.json")) as f:
+        return json.load(f)
+
+
+def official_splits(folder=SHIPPED):
+    """patch name -> 'train'/'val'/'test' from the official BigEarthNet-S2 v1.0 lists (shipped in
+    data/bigearthnet/; the seasonal-snow and cloud/shadow patches are not on them)."""
+    import bz2
+    splits = {}
+    for split in ("train", "val", "test"):
+        with bz2.open(os.path.join(folder, f"{split}.csv.bz2"), "rt") as f:
+            splits.update((line.strip(), split) for line in f if line.strip())
+    return splits
+
+
+def list_bigearthnet(dataset, root, download=False, n_classes=19):
+    """BigEarthNet-S2 v1.0: root/BigEarthNet-v1.0/<patch>/<patch>_<band>.tif and
+    <patch>_labels_metadata.json (or root is that folder). Only patches on the official lists
+    are kept; a patch without a label among the `n_classes` is left out; both are counted."""
+    folder = next((p for p in (os.path.join(root, "BigEarthNet-v1.0"), root) if os.path.isdir(p)), root)
+    if not os.path.isdir(folder):
+        raise UserError(f"data folder {root} does not exist; pass --root DIR holding BigEarthNet-v1.0/<patch folders>")
+    entries = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if (os.path.exists(os.path.join(root, "metadata.parquet")) or "BigEarthNet-S2" in entries
+            or any(re.search(r"_N\d{4}_R\d{3}_T\w{5}$", d) for d in entries[:50])):
+        raise UserError(f"{root} looks like BigEarthNet v2.0 (reBEN), which this project does not read; "
+                        f"pass --root DIR of the BigEarthNet-S2 v1.0 archive (BigEarthNet-v1.0/<patch folders>)")
+    nomenclature = bigearthnet_nomenclature()
+    index43 = {name: i for i, name in enumerate(nomenclature["labels43"])}
+    classes = nomenclature[f"labels{n_classes}"]
+    mapping = {int(k): v for k, v in nomenclature[f"map43to{n_classes}"].items()} if n_classes != 43 else \
+        {i: i for i in range(43)}
+    split_of = official_splits()
+    files, splits, targets, left_out, unusable = [], [], [], {}, {}
+    for name in entries:
+        if name not in split_of:
+            reason = "not on the official lists (seasonal snow, cloud or shadow, or not BigEarthNet-S2 v1.0)"
+            left_out[reason] = left_out.get(reason, 0) + 1
+            continue
+        target = np.zeros(len(classes), np.uint8)
+        path = os.path.join(folder, name, f"{name}_labels_metadata.json")
+        try:
+            with open(path) as f:
+                names = json.load(f)["labels"]
+            unknown = [n for n in names if n not in index43]
+            if unknown:
+                raise ValueError(f"has label {unknown[0]!r}, not a BigEarthNet-v1.0 (43-class) name")
+            for n in names:
+                if index43[n] in mapping:
+                    target[mapping[index43[n]]] = 1
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            unusable[name] = f"{path}: {e}" if isinstance(e, ValueError) and "label" in str(e) else \
+                f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]})"
+        if not target.any() and name not in unusable:
+            reason = f"with no label among the {n_classes} classes"
+            left_out[reason] = left_out.get(reason, 0) + 1
+            continue
+        files.append(name)
+        splits.append(split_of[name])
+        targets.append(target)
+    if not files:
+        raise UserError(f"{folder} holds no BigEarthNet-S2 v1.0 patch folders of the official splits "
+                        f"({', '.join(f'{n} {r}' for r, n in left_out.items()) or 'no sub-folders'}); "
+                        f"pass --root DIR holding BigEarthNet-v1.0/<patch>/<patch>_B02.tif, ...")
+    return dict(root=folder, classes=classes, classnames=[c.lower() for c in classes], files=files,
+                labels=np.stack(targets), official_split=splits, left_out=left_out, unusable=unusable)
+
+
+def list_scenes(dataset, root=None, download=False):
+    """All labelled scenes of a data set, with the official split of each where it has one."""
+    if dataset not in DATA:
+        raise UserError(f"unknown --data '{dataset}'; choose one of {', '.join(DATASETS)}")
+    entry = DATA[dataset]
+    root = root or entry.root
+    if root is None:
+        raise UserError(f"--data {dataset} needs --root DIR, a folder with one sub-folder of images per class")
+    listed = entry.lister(dataset, root, download)
+    return Scenes(dataset, modality=entry.modality, templates=entry.templates, **listed)
+
+
+def scene_id(file):
+    """A scene's id: its path below the data root without extension (EuroSAT's jpg and tif of one
+    scene share it)."""
+    return os.path.splitext(file)[0].replace(os.sep, "/")
+
+
+def hashed_split(ids, seed):
+    """The split of each scene from its id and the seed alone: u = the first 8 bytes of
+    SHA-256("<seed>/<id>") as a fraction of 2^64, train if u < 0.7, val if u < 0.8, else test
+    (SPLIT_FRACTIONS). Adding or removing files never moves another scene; the fractions hold in
+    expectation (not exactly per class)."""
+    cuts = np.cumsum(list(SPLIT_FRACTIONS.values()))
+    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "big") / 2 ** 64 for i in ids])
+    return [list(SPLIT_FRACTIONS)[k] for k in np.searchsorted(cuts, u, side="right")]
 
 
 def split_indices(scenes, seed):
-    """Deterministic stratified split: per class, the files sorted by name are shuffled with `seed`
-    and cut into train/val/test by SPLIT_FRACTIONS.
-
-    Only file names without their extension (the scene ids) and the seed enter, so EuroSAT's RGB
-    jpgs and its MS tifs get the same scenes in each split, in all three stages."""
-    stems = np.array([os.path.splitext(f)[0] for f in scenes.files])
-    rng = np.random.default_rng(seed)
-    out = {name: [] for name in SPLIT_FRACTIONS}
-    for label in range(len(scenes.classes)):
-        members = np.flatnonzero(scenes.labels == label)
-        members = members[np.argsort(stems[members], kind="stable")][rng.permutation(len(members))]
-        n_train = int(round(SPLIT_FRACTIONS["train"] * len(members)))
-        n_val = int(round(SPLIT_FRACTIONS["val"] * len(members)))
-        out["train"] += members[:n_train].tolist()
-        out["val"] += members[n_train:n_train + n_val].tolist()
-        out["test"] += members[n_train + n_val:].tolist()
-    return {name: np.sort(np.array(idx, np.int64)) for name, idx in out.items()}
+    """{'train', 'val', 'test'} -> sorted indices of the scenes: the official split where the data
+    set has one (the seed is then unused), else hashed_split of the scene ids."""
+    names = scenes.official_split or hashed_split([scene_id(f) for f in scenes.files], seed)
+    names = np.array(names)
+    return {split: np.flatnonzero(names == split) for split in SPLIT_FRACTIONS}
 
 
 def load_split(dataset, root, split, seed, download=False):
-    """The scenes of one split ('train', 'val', 'test') of a dataset."""
+    """The scenes of one split ('train', 'val', 'test') of a data set."""
     scenes = list_scenes(dataset, root, download)
     return replace(scenes.subset(split_indices(scenes, seed)[split], split), seed=seed)
 
 
-def read_image(path, modality):
-    """One file as a channels-last array: uint8 (H, W, 3) for 'rgb', uint16 (H, W, 13) for 'ms'.
-    Raises ValueError with the reason when the file cannot be used."""
-    if modality == "rgb":
-        try:
-            image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-        except Exception as e:
-            raise ValueError(f"cannot decode image ({e})")
-        return image.permute(1, 2, 0).numpy()
+def left_out_note(scenes):
+    """'; left out 57 scenes with no label among the 19 classes, ...' or ''."""
+    notes = ", ".join(f"{n} scenes {reason}" for reason, n in scenes.left_out.items())
+    return f"; left out {notes}" if notes else ""
+
+
+def write_scenes(path, scenes):
+    """The ids of a split's scenes, sorted, one a line; returns the file's SHA-256."""
+    write_atomic(path, lambda tmp: open(tmp, "w").writelines(f"{i}\n" for i in sorted(map(scene_id, scenes.files))))
+    return sha256_of(path)
+
+
+def read_scenes(path, sha256):
+    """The scene ids a write_scenes() file holds, checked against its recorded hash."""
+    if not os.path.isfile(path) or sha256_of(path) != sha256:
+        raise UserError(f"{path} is missing or differs from the training scenes its checkpoint recorded; "
+                        f"restore it from the run folder, or re-run the stage that wrote it")
+    with open(path) as f:
+        return set(f.read().split())
+
+
+def check_held_out(scenes, trained, what):
+    """Refuse to evaluate or validate on scenes that `what` was trained on (a set of scene ids)."""
+    seen = [f for f in scenes.files if scene_id(f) in trained]
+    if seen:
+        raise UserError(f"{len(seen)} of the {len(scenes.files)} {scenes.split} scenes of {scenes.root} were "
+                        f"training scenes of {what} (e.g. {seen[0]}): the data changed or another split was "
+                        f"chosen; evaluate on the data and split seed it was trained with")
+
+
+def read_rgb(path):
+    """An 8-bit image as uint8 (H, W, 3), read with PIL."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+    except Exception as e:
+        raise ValueError(f"cannot decode image ({type(e).__name__}: {e})")
+
+
+def read_tif(path):
+    """A GeoTIFF as a numpy array (tifffile); ValueError with the reason when it cannot be read."""
     tiff_log = logging.getLogger("tifffile")
     level = tiff_log.level
     tiff_log.setLevel(logging.CRITICAL)  # its log lines on a broken file would repeat the reason below
     try:
-        image = tifffile.imread(path)
+        return tifffile.imread(path)
     except Exception as e:
         raise ValueError(f"cannot read GeoTIFF ({type(e).__name__}: {e})")
     finally:
         tiff_log.setLevel(level)
+
+
+def read_s2_tif(path):
+    """A 13-band EuroSAT MS tif as uint16 (H, W, 13) in S2_BANDS order (bands-first tifs accepted)."""
+    image = read_tif(path)
     if image.ndim == 3 and image.shape[0] == len(S2_BANDS) and image.shape[-1] != len(S2_BANDS):
         image = image.transpose(1, 2, 0)  # bands-first tif
     if image.ndim != 3 or image.shape[-1] != len(S2_BANDS):
@@ -246,29 +401,108 @@ def read_image(path, modality):
     return image
 
 
+def read_bigearthnet(folder):
+    """A BigEarthNet-S2 v1.0 patch folder as three uint16 arrays, one per resolution, channels
+    last, in BIGEARTHNET_BANDS order: (120, 120, 4), (60, 60, 6), (20, 20, 2)."""
+    name = os.path.basename(folder.rstrip(os.sep))
+    groups = []
+    for bands, size in zip(BIGEARTHNET_BANDS, BIGEARTHNET_SIZES):
+        group = []
+        for band in bands:
+            path = os.path.join(folder, f"{name}_{band}.tif")
+            if not os.path.isfile(path):
+                raise ValueError(f"lacks its band {band} ({path} does not exist)")
+            image = read_tif(path)
+            if image.shape != (size, size) or image.dtype != np.uint16:
+                raise ValueError(f"band {path} is {image.dtype} {image.shape}, expected uint16 ({size}, {size})")
+            group.append(image)
+        groups.append(np.stack(group, axis=-1))
+    return tuple(groups)
+
+
+def read_image(path, modality):
+    """One file as a channels-last array: uint8 (H, W, 3) for 'rgb', uint16 (H, W, 13) for 'ms'.
+    Raises ValueError with the reason when the file cannot be used."""
+    return {"rgb": read_rgb, "ms": read_s2_tif}[modality](path)
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """One entry of DATA: what the stages know about a data set."""
+    modality: str  # 'rgb': 8-bit images; 'ms': Sentinel-2 bands (CLIP sees their RGB composite)
+    root: str  # default --root (None: --root is required)
+    lister: object  # (name, root, download) -> Scenes fields: root, files, labels, classes, classnames, ...
+    reader: object  # path -> uint8 (H, W, 3), or a tuple of uint16 (h, w, bands) arrays as in pixels.bands
+    templates: tuple
+    pixels: Pixels = None  # 'ms' only: the stored bands and the RGB composite's constant
+    official_splits: bool = False  # False: hashed_split of the scene ids
+    multilabel: bool = False  # (N, C) 0/1 targets: binary cross-entropy and mean average precision
+
+
+def _folders(**kw):
+    return lambda name, root, download: list_class_folders(name, root, download, **kw)
+
+
+def _bigearthnet(n_classes):
+    return DataSet("ms", "data/BigEarthNet-v1.0",
+                   lambda name, root, download: list_bigearthnet(name, root, download, n_classes),
+                   read_bigearthnet, GENERIC_TEMPLATES, Pixels(BIGEARTHNET_BANDS, L2A_RGB_MAX),
+                   official_splits=True, multilabel=True)
+
+
+DATA = {
+    "eurosat": DataSet("rgb", "data/eurosat", _folders(classnames=EUROSAT_CLASSNAMES, fetch=download_eurosat,
+                                                       subfolders=(os.path.join("eurosat", "2750"), "2750")),
+                       read_rgb, EUROSAT_TEMPLATES),
+    "eurosat_ms": DataSet("ms", "data/EuroSAT_MS", _folders(classnames=EUROSAT_CLASSNAMES, suffixes=TIF_SUFFIXES),
+                          read_s2_tif, EUROSAT_TEMPLATES, Pixels((S2_BANDS,), L1C_RGB_MAX)),
+    "resisc45": DataSet("rgb", "data/NWPU-RESISC45", _folders(classnames=lambda c: c.replace("_", " ")),
+                        read_rgb, RESISC45_TEMPLATES),
+    "folder": DataSet("rgb", None, _folders(), read_rgb, GENERIC_TEMPLATES),
+    "bigearthnet19": _bigearthnet(19),
+    "bigearthnet43": _bigearthnet(43),
+    "bigearthnet5": _bigearthnet(5),
+}
+DATASETS = tuple(DATA)
+MS_DATASETS = tuple(name for name, entry in DATA.items() if entry.modality == "ms")
+
+
+def parts(image):
+    """A stored image as a tuple of arrays (one per resolution; a single array for most data sets)."""
+    return tuple(image) if isinstance(image, (tuple, list)) else (image,)
+
+
 class ImageFiles(Dataset):
     """Reads whole batches of files; `dataset[list_of_indices]` returns a dict with the raw images
     stacked channels-last (uint8 RGB or uint16 MS, no resizing or scaling: that happens on the
-    device), their labels and indices, and `bad`: (path, reason) of files that could not be used.
+    device; a tuple of such stacks, one per resolution, for BigEarthNet), their labels and
+    indices, and `bad`: (path, reason) of files that could not be used.
 
     All images of a batch must share one size: files of another size than the first are bad,
     except 8-bit RGB images, which are resized to it on the CPU (e.g. a few 256x247 tiles)."""
 
     def __init__(self, scenes):
         self.scenes = scenes
+        self.read = DATA[scenes.dataset].reader
         if not scenes.files:
-            raise UserError(f"the {scenes.split} split of {scenes.root} is empty: it takes "
-                            f"{SPLIT_FRACTIONS.get(scenes.split, 1):.0%} of each class's files, rounded; add images")
+            raise UserError(f"the {scenes.split} split of {scenes.root} is empty (about "
+                            f"{SPLIT_FRACTIONS.get(scenes.split, 1):.0%} of the scenes fall in it); add images")
         reasons = []
         for name in scenes.files:  # the first readable file sets the size; bad ones are reported per batch
             try:
-                first = read_image(os.path.join(scenes.root, name), scenes.modality)
+                first = parts(self.read_one(name))
                 break
             except ValueError as e:
                 reasons.append(f"{os.path.join(scenes.root, name)} {e}")
         else:
             raise UserError(f"none of the {len(reasons)} {scenes.split} files can be read, e.g. {reasons[0]}")
-        self.shape, self.dtype = first.shape, first.dtype
+        self.shapes, self.dtypes = [p.shape for p in first], [p.dtype for p in first]
+        self.shape, self.dtype = self.shapes[0], self.dtypes[0]
+
+    def read_one(self, name):
+        if name in self.scenes.unusable:
+            raise ValueError(self.scenes.unusable[name])
+        return self.read(os.path.join(self.scenes.root, name))
 
     def __len__(self):
         return len(self.scenes.files)
@@ -276,31 +510,39 @@ class ImageFiles(Dataset):
     def __getitem__(self, indices):
         images, kept, bad = [], [], []
         for i in indices:
-            path = os.path.join(self.scenes.root, self.scenes.files[i])
             try:
-                image = read_image(path, self.scenes.modality)
-                if image.shape != self.shape:
+                image = parts(self.read_one(self.scenes.files[i]))
+                if [p.shape for p in image] != self.shapes:
                     if self.scenes.modality == "ms":
-                        raise ValueError(f"has shape {image.shape}, the other tifs have {self.shape}")
-                    image = TF.resize(torch.from_numpy(image).permute(2, 0, 1), list(self.shape[:2]),
-                                      antialias=True).permute(1, 2, 0).numpy()
+                        raise ValueError(f"has shape {image[0].shape}, the others have {self.shape}")
+                    image = (TF.resize(torch.from_numpy(image[0]).permute(2, 0, 1), list(self.shape[:2]),
+                                       antialias=True).permute(1, 2, 0).numpy(),)
             except ValueError as e:
-                bad.append((path, str(e)))
+                bad.append((os.path.join(self.scenes.root, self.scenes.files[i]), str(e)))
                 continue
             images.append(image)
             kept.append(i)
         kept = np.array(kept, np.int64)
-        stacked = np.stack(images) if images else np.zeros((0, *self.shape), self.dtype)
-        return {"images": torch.from_numpy(stacked), "labels": torch.from_numpy(self.scenes.labels[kept]),
-                "index": torch.from_numpy(kept), "bad": bad}
+        stacks = [torch.from_numpy(np.stack([im[k] for im in images]) if images else
+                                   np.zeros((0, *shape), dtype)) for k, (shape, dtype) in
+                  enumerate(zip(self.shapes, self.dtypes))]
+        return {"images": stacks[0] if len(stacks) == 1 else tuple(stacks),
+                "labels": torch.from_numpy(self.scenes.labels[kept]), "index": torch.from_numpy(kept), "bad": bad}
+
+
+def packed_name(k):
+    """The .npy of stored array k of a packed split: images.npy, images1.npy, ..."""
+    return f"images{k or ''}.npy"
 
 
 class PackedImages(Dataset):
-    """The same batches as ImageFiles, sliced from one memory-mapped .npy of a whole split."""
+    """The same batches as ImageFiles, sliced from memory-mapped .npy files of a whole split (one
+    per stored array, each at its own resolution)."""
 
-    def __init__(self, folder, scenes):
+    def __init__(self, folder, scenes, n_parts=1):
         self.scenes = scenes
-        self.images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
+        self.parts = [np.load(os.path.join(folder, packed_name(k)), mmap_mode="r") for k in range(n_parts)]
+        self.images = self.parts[0]
         self.shape, self.dtype = self.images.shape[1:], self.images.dtype
 
     def __len__(self):
@@ -309,10 +551,13 @@ class PackedImages(Dataset):
     def __getitem__(self, indices):
         indices = np.asarray(indices, np.int64)
         order = np.argsort(indices)  # read the memory map in file order, return in batch order
-        images = np.empty((len(indices), *self.shape), self.dtype)
-        images[order] = self.images[indices[order]]
-        return {"images": torch.from_numpy(images), "labels": torch.from_numpy(self.scenes.labels[indices]),
-                "index": torch.from_numpy(indices), "bad": []}
+        stacks = []
+        for part in self.parts:
+            images = np.empty((len(indices), *part.shape[1:]), part.dtype)
+            images[order] = part[indices[order]]
+            stacks.append(torch.from_numpy(images))
+        return {"images": stacks[0] if len(stacks) == 1 else tuple(stacks),
+                "labels": torch.from_numpy(self.scenes.labels[indices]), "index": torch.from_numpy(indices), "bad": []}
 
 
 def sha256_of(obj_or_path, chunk=1 << 20):
@@ -343,41 +588,52 @@ def open_images(scenes, cache=None, workers=0):
     folder = os.path.join(cache, "packed-" + sha256_of(scenes_key(scenes))[:16])
     if not os.path.isfile(os.path.join(folder, "images.npy")):
         print(f"packing {len(files)} {scenes.split} images into {folder}")
-        images = np.lib.format.open_memmap(make_dirs_tmp(folder, "images.npy"), "w+", files.dtype,
-                                           (len(files), *files.shape))
+        make_dirs_tmp(folder)
+        stores = [np.lib.format.open_memmap(os.path.join(folder + ".tmp", packed_name(k)), "w+", dtype,
+                                            (len(files), *shape))
+                  for k, (shape, dtype) in enumerate(zip(files.shapes, files.dtypes))]
         loader = batch_loader(files, 512, workers=workers)
         for batch in loader:
             for path, reason in batch["bad"][:1]:  # a packed split must be complete, --skip-bad-files or not
                 raise UserError(f"{path} {reason}; replace or delete the file "
                                 f"(--cache packs whole splits: drop it to use --skip-bad-files)")
-            images[batch["index"].numpy()] = batch["images"].numpy()
-        images.flush()
-        del images
+            for store, images in zip(stores, parts(batch["images"])):
+                store[batch["index"].numpy()] = images.numpy()
+        for store in stores:
+            store.flush()
+        del stores
         np.save(os.path.join(folder + ".tmp", "labels.npy"), scenes.labels)
         write_json(os.path.join(folder + ".tmp", "files.json"), {**scenes_key(scenes), "files": scenes.files})
         os.replace(folder + ".tmp", folder)
-    return PackedImages(folder, scenes)
+    return PackedImages(folder, scenes, len(files.shapes))
 
 
-def make_dirs_tmp(folder, name):
-    """A fresh folder.tmp/ (removing a stale one) and the path of `name` inside it."""
+def make_dirs_tmp(folder):
+    """A fresh folder.tmp/ (removing a stale one)."""
     import shutil
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
     os.makedirs(folder + ".tmp")
-    return os.path.join(folder + ".tmp", name)
+
+
+def training_batches(n, batch_size):
+    """Batches an epoch of n images gives in training: a last batch of a single image is left out,
+    since BatchNorm (ResNet CLIPs, CNN students) cannot train on one image."""
+    return n // batch_size + (n % batch_size > 1)
 
 
 def batch_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, start_batch=0, workers=0,
                  drop_last=False, pin_memory=False):
-    """A DataLoader over whole batches of indices. With `shuffle`, the order of epoch e is a
-    permutation drawn from seed and e alone, so a resumed run sees the same batches from
-    `start_batch` on."""
+    """A DataLoader over whole batches of indices. With `shuffle` (training), the order of epoch e
+    is a permutation drawn from seed and e alone, so a resumed run sees the same batches from
+    `start_batch` on, and there are training_batches() of them. `drop_last`: no smaller last batch."""
     n = len(dataset)
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
     else:
         order = list(range(n))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if shuffle:
+        batches = batches[:training_batches(n, batch_size)]
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches = batches[:-1]
     if isinstance(dataset, PackedImages):  # slicing a memory map is one memcpy: worker processes would only
@@ -404,13 +660,32 @@ def default_workers():
 # ============================================================================ transforms
 
 
-def rgb_composite(ms):
-    """The RGB composite of Sentinel-2 L1C digital numbers: bands B04, B03, B02 times 255/3558,
-    clipped to [0, 255] and truncated to whole grey levels (as the uint8 EuroSAT RGB release).
+def s2_bands(raw, pixels, device):
+    """Sentinel-2 digital numbers on one grid in the student's band order (S2_BANDS), on the device.
+    raw: a (B, h, w, bands) uint16 batch, or a tuple of them, one per resolution (BigEarthNet),
+    with the band names `pixels.bands`; each is brought to the finest grid with bilinear
+    interpolation (as torchgeo's BigEarthNet, which reads with rasterio's bilinear resampling);
+    bands the data lacks (B10 in L2A) are zeros, as in the official code. -> (B, 13, H, W) float."""
+    arrays = [a.to(device, non_blocking=True).permute(0, 3, 1, 2).float() for a in parts(raw)]
+    if len(arrays) == 1 and tuple(pixels.bands[0]) == S2_BANDS:
+        return arrays[0]
+    grid = max((a.shape[-2:] for a in arrays), key=lambda s: s[0] * s[1])
+    out = arrays[0].new_zeros((len(arrays[0]), len(S2_BANDS), *grid))
+    for a, bands in zip(arrays, pixels.bands):
+        if a.shape[-2:] != grid:
+            a = F.interpolate(a, size=tuple(grid), mode="bilinear", align_corners=False)
+        out[:, [S2_BANDS.index(b) for b in bands]] = a
+    return out
+
+
+def rgb_composite(ms, rgb_max):
+    """The RGB composite of Sentinel-2 digital numbers: bands B04, B03, B02 times 255/rgb_max,
+    clipped to [0, 255] and truncated to whole grey levels (as the uint8 EuroSAT RGB release;
+    rgb_max is the data set's: 3558 for L1C, 2000 for L2A as the official BigEarthNet code).
     ms: (B, 13, H, W) float in S2_BANDS order -> (B, 3, H, W) float with values 0..255."""
     rgb = ms[:, [S2_BANDS.index(b) for b in RGB_BANDS]]
-    # times 255, then / 3558: exact in float32 for uint16 input (* RGB_SCALE turns 3558 into 254.99998)
-    return torch.floor(torch.clamp(rgb * 255.0 / RGB_MAX, 0, 255))
+    # times 255, then / rgb_max: exact in float32 for uint16 input (* (255 / 3558) gives 254.99998 at 3558)
+    return torch.floor(torch.clamp(rgb * 255.0 / rgb_max, 0, 255))
 
 
 def resize_and_crop(x, size, interpolation, clip_to=None, resize_mode="shortest"):
@@ -448,14 +723,18 @@ def random_flips(x, seed, step):
     return torch.where(flip_v, x.flip(-2), x)
 
 
-def clip_input(raw, preprocess_cfg, device, flip_seed_step=None):
+def clip_input(raw, preprocess_cfg, device, flip_seed_step=None, pixels=None):
     """CLIP's input from a raw batch, on the device: 8-bit RGB (B, H, W, 3) as is, or Sentinel-2
-    (B, H, W, 13) through rgb_composite(); then /255, open_clip's resize and centre crop,
-    optional random flips, and normalisation with the model's mean and std. `preprocess_cfg` is the
-    model's own (model.visual.preprocess_cfg): size (int for ResNets, (h, w) for ViTs), resize mode,
+    bands (`pixels`: the data set's format, see s2_bands) through rgb_composite() with the data
+    set's constant; then /255, open_clip's resize and centre crop, optional random flips, and
+    normalisation with the model's mean and std. `preprocess_cfg` is the model's own
+    (model.visual.preprocess_cfg): size (int for ResNets, (h, w) for ViTs), resize mode,
     interpolation, mean and std, as open_clip's validation transform uses them."""
-    x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    x = rgb_composite(x) if x.shape[1] == len(S2_BANDS) else x
+    if pixels is None:
+        x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        assert x.shape[1] == 3, "Sentinel-2 bands need their data set's pixels= (bands, RGB constant)"
+    else:
+        x = rgb_composite(s2_bands(raw, pixels, device), pixels.rgb_max)
     x = resize_and_crop(x / 255.0, preprocess_cfg["size"], preprocess_cfg["interpolation"], clip_to=(0, 1),
                         resize_mode=preprocess_cfg.get("resize_mode", "shortest"))
     if flip_seed_step is not None:
@@ -463,11 +742,11 @@ def clip_input(raw, preprocess_cfg, device, flip_seed_step=None):
     return TF.normalize(x, list(preprocess_cfg["mean"]), list(preprocess_cfg["std"]))
 
 
-def ms_input(raw, size, device, flip_seed_step=None):
-    """The student's input from a raw Sentinel-2 batch (B, H, W, 13) uint16, on the device:
-    top-of-atmosphere reflectance (digital number / 10000, clipped to [0, 1]), bicubic resize
-    to the student's input size, optional random flips."""
-    x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+def ms_input(raw, size, device, flip_seed_step=None, pixels=None):
+    """The student's input from a raw Sentinel-2 batch, on the device: the 13 bands on one grid
+    (s2_bands; `pixels` None: EuroSAT's (B, H, W, 13) uint16), reflectance (digital number / 10000,
+    clipped to [0, 1]), bicubic resize to the student's input size, optional random flips."""
+    x = s2_bands(raw, pixels or Pixels((S2_BANDS,), None), device)
     x = torch.clamp(x * REFLECTANCE_SCALE, 0, 1)
     x = resize_and_crop(x, size, "bicubic")
     return x if flip_seed_step is None else random_flips(x, *flip_seed_step)
@@ -679,6 +958,39 @@ def zeroshot_head(model, tokenizer, classnames, templates, device):
 def zeroshot_logits(features, head, logit_scale):
     """Class logits of image embeddings: exp(logit_scale) * normalise(f) @ W."""
     return logit_scale.exp() * F.normalize(features.float(), dim=-1) @ head
+
+
+def average_precision(scores, positives):
+    """Average precision (sklearn's average_precision_score): AP = sum_n (R_n - R_{n-1}) P_n over
+    the distinct scores n in decreasing order, precision P_n and recall R_n of the images scoring
+    >= n; tied scores form one threshold. NaN when there are no positives."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    s, y = scores[order], positives[order].double()
+    if y.sum() == 0:
+        return math.nan
+    last_of_tie = torch.ones(len(s), dtype=torch.bool)
+    last_of_tie[:-1] = s[1:] != s[:-1]
+    true_pos = y.cumsum(0)[last_of_tie]
+    precision = true_pos / torch.arange(1, len(s) + 1, dtype=torch.double)[last_of_tie]
+    recall = true_pos / true_pos[-1]
+    return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
+
+
+def mean_average_precision(scores, targets):
+    """Mean average precision (CLIP_benchmark's mean_average_precision for multi-label data): AP
+    of each class's column of scores against its 0/1 targets, averaged over the classes with at
+    least one positive. Returns (mAP, per-class APs). Equal to CLIP_benchmark's when no scores tie
+    and every class has positives (it ranks ties in sort order and counts such classes as 0)."""
+    aps = torch.tensor([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
+    return aps.nanmean().item(), aps
+
+
+def zeroshot_score(logits, labels):
+    """The validation metric of zero-shot logits: ('acc', top-1 accuracy) for one class per image,
+    ('map', mean average precision) for (N, C) 0/1 multi-label targets."""
+    if labels.ndim == 2:
+        return "map", mean_average_precision(logits, labels)[0]
+    return "acc", (logits.argmax(1) == labels).float().mean().item()
 
 
 class Student(torch.nn.Module):

@@ -3,6 +3,7 @@
     python tests/benchmark.py --loader-only                     # (a) only: the loader figures in the README
     python tests/benchmark.py --batch-size 64                   # the CPU step figures in the README
     python tests/benchmark.py --root data/EuroSAT_MS --model ViT-B-32 --batch-size 256   # on a GPU
+    python tests/benchmark.py --bigearthnet 2000 --repeat 1 --loader-only   # BigEarthNet-layout patches
 
 Prints, for each stage on the device it finds:
   (a) the loader alone, images/s, from the tifs and from the packed cache (--cache);
@@ -11,12 +12,18 @@ Prints, for each stage on the device it finds:
   (c) the real training step fed by the loader, images/s, and the ratio c/b (1.0: the loader
       never makes the device wait);
 and the teacher's forward pass alone, which stage 2's teacher cache takes out of every step.
+With --bigearthnet N, N patches in the BigEarthNet-S2 v1.0 layout (12 band tifs at their own sizes
+and a labels json each, random values) are written to a temporary folder and read as
+--data bigearthnet19 (batches of three per-resolution arrays; the cache stores each at its own
+size); the listing rate (labels json read per patch) is printed too.
 The files are listed --repeat times so a small sample gives long epochs; after the first pass
 they come from the OS page cache, as in the later epochs of a real run.
 """
 import argparse
+import atexit
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,8 +49,26 @@ def parse_args():
     p.add_argument("--steps", type=int, default=None, help="timed model steps (default: 20 on GPU, 2 on CPU)")
     p.add_argument("--workers", type=int, default=C.default_workers(), help="loader processes (default: one per core)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--bigearthnet", type=int, default=0, metavar="N",
+                   help="benchmark N generated BigEarthNet-layout patches instead of --root (default: 0, off)")
     p.add_argument("--loader-only", action="store_true", help="print (a) only: no models are built")
     return p.parse_args()
+
+
+def make_bigearthnet(root, n):
+    """n patches in the BigEarthNet-S2 v1.0 layout, named from the official train list."""
+    import json
+    import tifffile
+    names = [name for name, split in C.official_splits().items() if split == "train"][:n]
+    rng = np.random.default_rng(0)
+    for name in names:
+        os.makedirs(os.path.join(root, name))
+        for bands, size in zip(C.BIGEARTHNET_BANDS, C.BIGEARTHNET_SIZES):
+            for band in bands:
+                tifffile.imwrite(os.path.join(root, name, f"{name}_{band}.tif"),
+                                 rng.integers(0, 4000, (size, size), dtype=np.uint16))
+        with open(os.path.join(root, name, f"{name}_labels_metadata.json"), "w") as f:
+            json.dump({"labels": ["Pastures", "Coniferous forest"]}, f)
 
 
 def sync(device):
@@ -67,7 +92,8 @@ def loader_rate(dataset, args, device, max_images=None):
 def step_rates(step, dataset, args, device):
     """(b) the step on one raw batch already on the device, (c) the step fed by the loader."""
     raw = dataset[list(range(args.batch_size))]
-    on_device = {"images": raw["images"].to(device), "labels": raw["labels"].to(device), "index": raw["index"]}
+    images = [p.to(device) for p in C.parts(raw["images"])]
+    on_device = {"images": images[0] if len(images) == 1 else tuple(images), "labels": raw["labels"].to(device), "index": raw["index"]}
     step(on_device)  # warm-up
     sync(device)
     start = time.perf_counter()
@@ -92,7 +118,18 @@ def main():
     device = C.pick_device(args.device)
     args.steps = args.steps or (20 if device.type == "cuda" else 2)
     C.describe_run(args, device)
-    scenes = C.list_scenes("eurosat_ms", args.root)
+    if args.bigearthnet:
+        args.root = tempfile.mkdtemp(prefix="bigearthnet-benchmark-")
+        atexit.register(shutil.rmtree, args.root, True)
+        make_bigearthnet(args.root, args.bigearthnet)
+        start = time.perf_counter()
+        C.official_splits()
+        lists = time.perf_counter() - start
+        scenes = C.list_scenes("bigearthnet19", args.root)
+        print(f"listing: the official split lists in {lists:.2f} s, then the labels json of each patch at "
+              f"{len(scenes.files) / (time.perf_counter() - start - 2 * lists):.0f} patches/s")
+    else:
+        scenes = C.list_scenes("eurosat_ms", args.root)
     scenes = replace(scenes, files=scenes.files * args.repeat, labels=np.tile(scenes.labels, args.repeat),
                      split="benchmark", seed=0)
     need = (args.steps + 2) * args.batch_size
@@ -101,7 +138,8 @@ def main():
     with tempfile.TemporaryDirectory() as cache:
         tifs = C.open_images(scenes)
         packed = C.open_images(scenes, cache, args.workers)
-        print(f"\n{len(scenes.files)} tifs listed ({len(set(scenes.files))} distinct), batch {args.batch_size}, "
+        what = "patches" if args.bigearthnet else "tifs"
+        print(f"\n{len(scenes.files)} {what} listed ({len(set(scenes.files))} distinct), batch {args.batch_size}, "
               f"{args.workers} workers, device {device}")
         print(f"(a) loader alone: {loader_rate(tifs, args, device):9.0f} images/s from tifs, "
               f"{loader_rate(packed, args, device):9.0f} images/s from the packed cache")
@@ -119,7 +157,7 @@ def main():
         sched1 = C.cosine_schedule(opt1, 1000, 100)
 
         def stage1_step(batch):
-            images = C.clip_input(batch["images"], preprocess_cfg, device, flip_seed_step=(0, 0))
+            images = C.clip_input(batch["images"], preprocess_cfg, device, flip_seed_step=(0, 0), pixels=scenes.pixels)
             with C.autocast(device):
                 loss = F.cross_entropy(C.zeroshot_logits(model.encode_image(images), head, model.logit_scale),
                                        batch["labels"].to(device))
@@ -137,7 +175,7 @@ def main():
         sched2 = C.cosine_schedule(opt2, 1000, 100)
 
         def stage2_step(batch):
-            images = C.ms_input(batch["images"], student.input_size, device)
+            images = C.ms_input(batch["images"], student.input_size, device, pixels=scenes.pixels)
             with C.autocast(device):
                 loss, _, _ = align.alignment_loss(student(images), targets[batch["index"]].to(device), head,
                                                   model.logit_scale.detach(), batch["labels"].to(device), 0.05)
@@ -150,7 +188,7 @@ def main():
         @torch.no_grad()
         def teacher_forward(batch):  # what stage 2 would run every step without its teacher cache
             with C.autocast(device):
-                model.encode_image(C.clip_input(batch["images"], preprocess_cfg, device))
+                model.encode_image(C.clip_input(batch["images"], preprocess_cfg, device, pixels=scenes.pixels))
 
         teacher, _ = step_rates(teacher_forward, packed, args, device)
         student_b, _ = step_rates(stage2_step, packed, args, device)

@@ -7,7 +7,9 @@
 
 Recomputes, from the saved embeddings, top-1/top-5 accuracy and balanced accuracy with sklearn,
 text -> image mAP with sklearn's average_precision_score, and MS <-> RGB recall@k with a plain
-numpy ranking, and prints them beside the values in metrics.json (single-label data).
+numpy ranking, and prints them beside the values in metrics.json. For multi-label data (BigEarthNet)
+the zero-shot mean average precision and the text -> image mAP, each with sklearn's
+average_precision_score per class, averaged over the classes with at least one positive.
 """
 import json
 import os
@@ -35,21 +37,26 @@ def main(folder):
     metrics = json.load(open(os.path.join(folder, "metrics.json")))["metrics"]
     y = saved["labels"].numpy()
     n_classes = saved["zeroshot_head"].shape[1]
+    multilabel = y.ndim == 2
+    targets = y if multilabel else np.eye(n_classes)[y]
+    present = [c for c in range(n_classes) if targets[:, c].any()]
+    mean_ap = lambda scores: np.mean([average_precision_score(targets[:, c], scores[:, c]) for c in present])
     rows = []
     for name, features in saved["features"].items():
         if name not in metrics["zeroshot"]:
             continue  # the untrained student is only used for the modality gap
         logits = saved["logits"][name].numpy()
         zs = metrics["zeroshot"][name]
+        scores = (F.normalize(features.float(), dim=-1) @ saved["zeroshot_head"]).numpy()
+        rows.append((f"{name} text->image mAP", metrics["text_to_image"][name]["mean_average_precision"],
+                     mean_ap(scores)))
+        if multilabel:
+            rows.append((f"{name} zero-shot mAP", zs["mean_average_precision"], mean_ap(logits)))
+            continue
         rows += [(f"{name} acc1", zs["acc1"], top_k_accuracy_score(y, logits, k=1, labels=range(n_classes))),
                  (f"{name} acc5", zs["acc5"], top_k_accuracy_score(y, logits, k=5, labels=range(n_classes))),
                  (f"{name} mean_per_class_recall", zs["mean_per_class_recall"],
                   balanced_accuracy_score(y, logits.argmax(1)))]
-        scores = (F.normalize(features.float(), dim=-1) @ saved["zeroshot_head"]).numpy()
-        targets = np.eye(n_classes)[y]
-        present = [c for c in range(n_classes) if targets[:, c].any()]
-        rows.append((f"{name} text->image mAP", metrics["text_to_image"][name]["mean_average_precision"],
-                     np.mean([average_precision_score(targets[:, c], scores[:, c]) for c in present])))
     if "cross_modal" in metrics:
         ms = F.normalize(saved["features"]["student_ms"].double(), dim=-1)
         rgb = F.normalize(saved["features"]["clip_rgb"].double(), dim=-1)

@@ -16,6 +16,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_MS = os.path.join(ROOT, "..", "shared", "data", "eurosat_ms_sample")
+SHARED_BEN = os.path.join(ROOT, "..", "shared", "data", "bigearthnet_s2_sample")
+SHARED_BEN_SPLITS = os.path.join(ROOT, "..", "shared", "data", "bigearthnet_splits")
 
 TINY_CLIP = "rsclip-tiny"
 TINY_CONFIG = {
@@ -49,6 +51,46 @@ def tiny_clip_config(tmp_path_factory):
     open_clip.add_model_config(str(folder / f"{TINY_CLIP}-quickgelu.json"))
     torch.set_num_threads(2)
     return TINY_CLIP
+
+
+def hash_split(scene_ids, seed):
+    """The split of each scene id as the README defines it, computed here without common.py:
+    u = SHA-256("<seed>/<id>")'s first 16 hex digits / 16^16; train < 0.7 <= val < 0.8 <= test."""
+    import hashlib
+    u = [int(hashlib.sha256(f"{seed}/{i}".encode()).hexdigest()[:16], 16) / 16 ** 16 for i in scene_ids]
+    return ["train" if x < 0.7 else "val" if x < 0.8 else "test" for x in u]
+
+
+def split_count(root, split, seed=0, pattern="*/*.tif"):
+    """How many files of a class-folder data set fall in `split` (hash_split of <Class>/<stem>)."""
+    import glob
+    ids = [os.path.splitext(os.path.relpath(f, root))[0].replace(os.sep, "/")
+           for f in glob.glob(os.path.join(root, pattern))]
+    return hash_split(ids, seed).count(split)
+
+
+def official_names(split, n, skip=()):
+    """The first n patch names of an official BigEarthNet-S2 v1.0 list shipped in data/bigearthnet/."""
+    import bz2
+    with bz2.open(os.path.join(ROOT, "data", "bigearthnet", f"{split}.csv.bz2"), "rt") as f:
+        names = [line.strip() for line in f if line.strip() and line.strip() not in skip]
+    return names[:n]
+
+
+BEN_BANDS = {"B01": 20, "B02": 120, "B03": 120, "B04": 120, "B05": 60, "B06": 60, "B07": 60, "B08": 120,
+             "B8A": 60, "B09": 20, "B11": 60, "B12": 60}  # band -> pixels a side (BigEarthNet-S2 v1.0)
+
+
+def make_bigearthnet_patch(folder, name, labels, seed=0):
+    """One patch in the BigEarthNet-S2 v1.0 layout: folder/name/name_<band>.tif (uint16 at each band's
+    own size, values as L2A digital numbers) and name_labels_metadata.json with 43-class label names."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+    for band, size in BEN_BANDS.items():
+        tifffile.imwrite(os.path.join(folder, name, f"{name}_{band}.tif"),
+                         rng.integers(0, 4000, (size, size)).astype(np.uint16))
+    with open(os.path.join(folder, name, f"{name}_labels_metadata.json"), "w") as f:
+        json.dump({"labels": list(labels), "acquisition_date": "2017-06-13 10:10:31"}, f)
 
 
 def class_signal(label, n_classes):

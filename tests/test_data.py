@@ -8,16 +8,16 @@ import pytest
 import tifffile
 import torch
 import torchvision.transforms.functional as TVF
-from conftest import EUROSAT_CLASSES, SHARED_MS, TINY_CLIP, make_eurosat_ms, make_eurosat_rgb
+from conftest import EUROSAT_CLASSES, SHARED_MS, TINY_CLIP, hash_split, make_eurosat_ms, split_count, make_eurosat_rgb
 from PIL import Image
 
 import common as C
 
 
-def np_composite(ms):
+def np_composite(ms, rgb_max=3558):
     """EuroSAT's RGB from 13-band digital numbers (H, W, 13), in float64 numpy: B04, B03, B02 are
-    the bands at index 3, 2, 1 of B01..B12,B8A; x 255/3558, clipped to 0..255, truncated."""
-    return np.floor(np.clip(ms[..., [3, 2, 1]].astype(np.float64) * 255 / 3558, 0, 255)).astype(np.uint8)
+    the bands at index 3, 2, 1 of B01..B12,B8A; x 255/rgb_max, clipped to 0..255, truncated."""
+    return np.floor(np.clip(ms[..., [3, 2, 1]].astype(np.float64) * 255 / rgb_max, 0, 255)).astype(np.uint8)
 
 
 def shared_tifs(every=10):
@@ -27,7 +27,7 @@ def shared_tifs(every=10):
 # ----------------------------------------------------------------------------- splits
 
 
-def test_split_is_stratified_disjoint_complete_and_deterministic(tmp_path):
+def test_split_is_a_hash_of_seed_and_scene_id_disjoint_complete_and_deterministic(tmp_path):
     root = make_eurosat_ms(tmp_path / "ms", per_class=10, size=8)
     for n in range(1, 4):  # Forest keeps 7 files: classes of different sizes
         os.remove(os.path.join(root, "Forest", f"Forest_{n}.tif"))
@@ -37,15 +37,22 @@ def test_split_is_stratified_disjoint_complete_and_deterministic(tmp_path):
     assert all(np.array_equal(split[k], again[k]) for k in ("train", "val", "test"))
     everything = np.concatenate([split["train"], split["val"], split["test"]])
     assert sorted(everything.tolist()) == list(range(len(scenes.files)))  # disjoint and complete
-    for label, name in enumerate(scenes.classes):
-        n = 7 if name == "Forest" else 10
-        counts = [int(np.sum(scenes.labels[split[k]] == label)) for k in ("train", "val", "test")]
-        assert counts == [round(0.7 * n), round(0.1 * n), n - round(0.7 * n) - round(0.1 * n)], (name, counts)
+    expected = hash_split([os.path.splitext(f)[0].replace(os.sep, "/") for f in scenes.files], seed=0)  # independent of common.py
+    for k in ("train", "val", "test"):
+        assert [scenes.files[i] for i in split[k]] == [f for f, s in zip(scenes.files, expected) if s == k]
     # load_split returns exactly those files, labelled by their folder
     for k in ("train", "val", "test"):
         part = C.load_split("eurosat_ms", root, k, 0)
         assert part.files == [scenes.files[i] for i in split[k]] and (part.split, part.seed) == (k, 0)
         assert [part.classes[y] for y in part.labels] == [f.split(os.sep)[0] for f in part.files]
+
+
+def test_split_fractions_hold_on_many_scenes():
+    ids = [f"Class{c}/Class{c}_{n}" for c in range(10) for n in range(2000)]
+    names = np.array(C.hashed_split(ids, seed=3))
+    for k, fraction in C.SPLIT_FRACTIONS.items():  # binomial standard deviation ~0.003 at 20,000 scenes
+        assert abs(np.mean(names == k) - fraction) < 0.015, k
+    assert C.hashed_split(ids[:50], seed=3) == names[:50].tolist()  # a scene's split ignores the others
 
 
 def test_split_has_the_same_scenes_for_rgb_jpgs_and_ms_tifs_and_follows_the_seed(tmp_path):
@@ -61,7 +68,11 @@ def test_split_has_the_same_scenes_for_rgb_jpgs_and_ms_tifs_and_follows_the_seed
 
 
 def test_a_split_without_files_is_a_user_error(tmp_path):
-    root = make_eurosat_ms(tmp_path / "ms", per_class=4, size=8)  # 10% of 4 rounds to no val file
+    root = make_eurosat_ms(tmp_path / "ms", per_class=4, classes=EUROSAT_CLASSES[:3], size=8)
+    scenes = C.list_scenes("eurosat_ms", root)
+    for f, split in zip(scenes.files, hash_split([os.path.splitext(f)[0].replace(os.sep, "/") for f in scenes.files], 0)):
+        if split == "val":  # leave no val scene
+            os.remove(os.path.join(root, f))
     val = C.load_split("eurosat_ms", root, "val", 0)
     with pytest.raises(C.UserError, match="val split .* is empty"):
         C.open_images(val)
@@ -135,7 +146,8 @@ def test_packed_cache_equals_the_files_is_reused_and_is_rekeyed(tmp_path, capsys
     assert isinstance(packed, C.PackedImages) and isinstance(files, C.ImageFiles)
     for kw in ({}, {"shuffle": True, "seed": 5, "epoch": 2}):
         a, b = all_batches(packed, **kw), all_batches(files, **kw)
-        assert len(a) == len(b) == 3
+        n = split_count(root, "train")
+        assert len(a) == len(b) == (C.training_batches(n, 4) if kw else -(-n // 4))  # batches of 4 (training: none of 1)
         for x, y in zip(a, b):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
             assert x["images"].dtype == torch.uint16
@@ -168,14 +180,16 @@ def test_packed_cache_refuses_a_bad_file_and_leaves_no_pack(tmp_path):
 # ----------------------------------------------------------------------------- the RGB composite
 
 
-def test_rgb_composite_equals_numpy_for_every_digital_number():
+@pytest.mark.parametrize("dataset, rgb_max", [("eurosat_ms", 3558), ("bigearthnet19", 2000)])
+def test_rgb_composite_equals_numpy_for_every_digital_number(dataset, rgb_max):
     dn = np.arange(0, 65536, dtype=np.uint16)
     ms = np.zeros((1, 1, dn.size, 13), np.uint16)
     rng = np.random.default_rng(0)
     for band in range(13):  # every band a different permutation, so a wrong band order shows
         ms[0, 0, :, band] = rng.permutation(dn)
-    got = C.rgb_composite(torch.from_numpy(ms).permute(0, 3, 1, 2).float())
-    assert torch.equal(got[0].permute(1, 2, 0), torch.from_numpy(np_composite(ms[0])).float())
+    assert C.DATA[dataset].pixels.rgb_max == rgb_max  # L1C's constant, L2A's (the official code's)
+    got = C.rgb_composite(torch.from_numpy(ms).permute(0, 3, 1, 2).float(), C.DATA[dataset].pixels.rgb_max)
+    assert torch.equal(got[0].permute(1, 2, 0), torch.from_numpy(np_composite(ms[0], rgb_max)).float())
     assert C.S2_BANDS[3] == "B04" and C.S2_BANDS[2] == "B03" and C.S2_BANDS[1] == "B02"
 
 
@@ -212,7 +226,7 @@ def test_clip_input_matches_open_clip_preprocessing(tmp_path, clip_preprocess, s
     pil = [Image.open(f).convert("RGB") if modality == "rgb" else Image.fromarray(np_composite(tifffile.imread(f)))
            for f in files]
     expected = torch.stack([preprocess_val(p) for p in pil])
-    got = C.clip_input(raw, cfg, "cpu")
+    got = C.clip_input(raw, cfg, "cpu", pixels=C.DATA["eurosat_ms"].pixels if modality == "ms" else None)
     assert got.shape == expected.shape == (len(files), 3, cfg["size"][0], cfg["size"][1])
     assert (got - expected).abs().max() < 0.02  # normalised units: about one grey level of 255
 
@@ -245,3 +259,25 @@ def test_ms_input_matches_a_cpu_reference(tmp_path, source, size):
     got = C.ms_input(torch.from_numpy(np.stack(images)), size, "cpu")
     assert got.shape == (len(images), 13, size, size)
     assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- what a new user meets
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    def offline(root, download):  # as torchvision does offline: its folder made, then the fetch fails
+        os.makedirs(os.path.join(root, "eurosat"))
+        raise OSError("no network")
+    monkeypatch.setattr(C.torchvision.datasets, "EuroSAT", offline)
+    for root in (tmp_path / "data" / "eurosat", tmp_path):  # a fresh root, and one that was there before
+        with pytest.raises(C.UserError, match="could not download EuroSAT.*nothing was kept"):
+            C.list_scenes("eurosat", str(root), download=True)
+        assert not os.path.exists(tmp_path / "data" / "eurosat") and not os.path.exists(tmp_path / "eurosat")
+    with pytest.raises(C.UserError, match="does not exist; pass --root DIR or pass --download"):
+        C.list_scenes("eurosat", str(tmp_path / "data" / "eurosat"))  # the next run meets no half-made folder
+
+
+def test_rgb_images_under_an_ms_data_set_get_a_hint(tmp_path):
+    root = make_eurosat_rgb(tmp_path / "rgb", per_class=1, classes=EUROSAT_CLASSES[:2], size=8)
+    with pytest.raises(C.UserError, match=r"look like RGB images: pass --data eurosat or --data folder"):
+        C.list_scenes("eurosat_ms", os.path.join(root, "eurosat", "2750"))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import common as C
-from conftest import TINY_CLIP, TINY_STUDENT, load_stage, make_eurosat_ms
+from conftest import TINY_CLIP, TINY_STUDENT, load_stage, make_eurosat_ms, split_count
 
 E = load_stage("03_eval.py")
 
@@ -79,17 +79,17 @@ def test_topk_accuracy_caps_k_and_balanced_accuracy_skips_absent_classes():
 
 def test_average_precision_against_hand_computation():
     # sklearn's documented example: AP = 1/2 * 1 + 1/2 * 2/3
-    assert E.average_precision(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == \
+    assert C.average_precision(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == \
         pytest.approx(0.8333333)
     # tied scores are one threshold: P = 2/3 at R = 1 (not 1.0 positives-first, nor 7/12 negatives-first)
-    assert E.average_precision(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1, 1, 0])) == pytest.approx(2 / 3)
+    assert C.average_precision(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1, 1, 0])) == pytest.approx(2 / 3)
     # (P, R) at thresholds 0.9, 0.5, 0.1: (0, 0), (1/3, 1/2), (1/2, 1) -> 1/2 * 1/3 + 1/2 * 1/2
-    assert E.average_precision(torch.tensor([0.9, 0.5, 0.5, 0.1]), torch.tensor([0, 1, 0, 1])) == \
+    assert C.average_precision(torch.tensor([0.9, 0.5, 0.5, 0.1]), torch.tensor([0, 1, 0, 1])) == \
         pytest.approx(5 / 12)
-    assert math.isnan(E.average_precision(torch.tensor([0.3, 0.2]), torch.tensor([0, 0])))
+    assert math.isnan(C.average_precision(torch.tensor([0.3, 0.2]), torch.tensor([0, 0])))
     scores = torch.tensor([[0.9, 0.5, 0.5], [0.2, 0.8, 0.4], [0.7, 0.3, 0.6]])
     targets = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 0]])  # class 2 has no positives: left out
-    mean_ap, aps = E.mean_average_precision(scores, targets)
+    mean_ap, aps = C.mean_average_precision(scores, targets)
     assert aps[0] == 1.0 and aps[1] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3) and math.isnan(aps[2])
     assert mean_ap == pytest.approx((1 + 0.8333333) / 2)
 
@@ -163,7 +163,7 @@ def test_zeroshot_logits_equal_open_clips_own(patched_run, patched_eval):
         features = model.encode_image(torch.stack([preprocess(Image.fromarray(c)) for c in composites]))
         logits = model.logit_scale.exp() * F.normalize(features, dim=-1) @ head
         # the same weights on stage 3's own input tensor: equal to float precision
-        same_input = model.encode_image(C.clip_input(torch.from_numpy(np.stack(tifs)), meta["preprocess_cfg"], "cpu"))
+        same_input = model.encode_image(C.clip_input(torch.from_numpy(np.stack(tifs)), meta["preprocess_cfg"], "cpu", pixels=C.DATA["eurosat_ms"].pixels))
     torch.testing.assert_close(saved["zeroshot_head"], head, atol=1e-5, rtol=0)
     torch.testing.assert_close(saved["features"]["clip_rgb"], same_input, atol=1e-5, rtol=1e-5)
     # PIL's uint8 resize differs from the float resize by about a grey level
@@ -176,7 +176,7 @@ def test_cli_on_patched_clip_writes_metrics_and_log_line(patched_run, patched_ev
     metrics, rows, saved = patched_eval["metrics"], patched_eval["rows"], patched_eval["saved"]
     meta = json.load(open(os.path.join(patched_run["out"], "patched.json")))
     assert metrics["ckpt_kind"] == "patched" and metrics["data"] == "eurosat_ms" and metrics["split"] == "test"
-    assert metrics["n_images"] == 10 and metrics["split_seed"] == meta["split_seed"]  # 1 of 6 per class
+    assert metrics["n_images"] == split_count(patched_run["root"], "test") and metrics["split_seed"] == meta["split_seed"]
     assert set(metrics["metrics"]) == {"zeroshot", "text_to_image"}  # no student: no MS, no gap
     zeroshot = metrics["metrics"]["zeroshot"]["clip_rgb"]
     labels = saved["labels"]
@@ -188,7 +188,7 @@ def test_cli_on_patched_clip_writes_metrics_and_log_line(patched_run, patched_ev
     assert row["zeroshot/clip_rgb/acc1"] == zeroshot["acc1"]
     assert row["text_to_image/clip_rgb/mean_average_precision"] == \
         metrics["metrics"]["text_to_image"]["clip_rgb"]["mean_average_precision"]
-    assert row["n_images"] == 10 and row["root"] == os.path.abspath(patched_run["root"])
+    assert row["n_images"] == metrics["n_images"] and row["root"] == os.path.abspath(patched_run["root"])
 
 
 def test_cli_baseline_with_default_run_folder_and_log(patched_run, tmp_path, monkeypatch):

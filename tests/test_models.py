@@ -100,7 +100,8 @@ def test_a_tags_preprocessing_and_quickgelu_reach_every_stage(tmp_path, monkeypa
     saved = torch.load(tmp_path / "eval" / "embeddings.pt", weights_only=True)
     scenes = C.load_split("eurosat_ms", root, "test", 0)
     raw = C.ImageFiles(scenes)[saved["index"].tolist()]["images"]
-    composite = C.rgb_composite(raw.permute(0, 3, 1, 2).float()) / 255  # 32 px already: no resize
+    pixels = C.DATA["eurosat_ms"].pixels
+    composite = C.rgb_composite(C.s2_bands(raw, pixels, "cpu"), pixels.rgb_max) / 255  # 32 px already: no resize
     with torch.no_grad():
         expected = teacher.encode_image((composite - 0.5) / 0.5)
     torch.testing.assert_close(saved["features"]["clip_rgb"], expected, atol=1e-5, rtol=1e-5)
@@ -179,3 +180,19 @@ def test_dino_checkpoint_loads_its_teacher(teacher_folder, tmp_path):
                 "--student-weights-bands", "eurosat", "--out", str(tmp_path / "c")])
     init, _ = C.load_student(str(tmp_path / "c" / "student_init.pt"))
     assert all(torch.equal(init.backbone.state_dict()[k], v) for k, v in teacher_weights.items())
+
+
+def test_a_last_training_batch_of_one_image_is_left_out():
+    """BatchNorm (ResNet CLIPs, CNN students) cannot train on one image: 13 images in batches of 4
+    give 3 training batches (4, 4, 4), 14 give 4 (4, 4, 4, 2); evaluation keeps every image."""
+    class Indices(torch.utils.data.Dataset):  # a batch is the list of its indices
+        def __len__(self):
+            return 13
+
+        def __getitem__(self, indices):
+            return indices
+    dataset = Indices()
+    assert C.training_batches(13, 4) == 3 and C.training_batches(14, 4) == 4 and C.training_batches(12, 4) == 3
+    train = list(C.batch_loader(dataset, 4, shuffle=True, seed=0))
+    assert [len(b) for b in train] == [4, 4, 4]
+    assert sum(len(b) for b in C.batch_loader(dataset, 4)) == 13

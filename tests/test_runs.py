@@ -122,12 +122,12 @@ def test_a_stop_while_the_model_loads_is_one_line_and_writes_nothing(tmp_path, c
 
 def test_a_stop_in_the_alpha_sweep_resumes_without_evaluating_those_alphas_again(tmp_path, capsys, monkeypatch):
     root, out = small_ms(tmp_path), tmp_path / "run"
-    calls = sigterm_when(monkeypatch, patch, "accuracy", lambda n: n == 2)  # while alpha 0.5 is evaluated
+    calls = sigterm_when(monkeypatch, patch, "zeroshot_score", lambda n: n == 2)  # while alpha 0.5 is evaluated
     line = stopped(capsys, patch, patch_args(root, out))
     assert "last.pt" in line and "--resume" in line and calls["n"] == 2
     assert [r["alpha"] for r in C.read_jsonl(out / "alphas.jsonl")] == [0]
     monkeypatch.undo()
-    calls = sigterm_when(monkeypatch, patch, "accuracy", lambda n: False)
+    calls = sigterm_when(monkeypatch, patch, "zeroshot_score", lambda n: False)
     patch.main(patch_args(root, out, "--resume"))
     assert calls["n"] == 2  # alphas 0.5 and 1 only
     assert "training had finished" in capsys.readouterr().out

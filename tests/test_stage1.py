@@ -166,7 +166,7 @@ def test_patched_checkpoint_round_trips_and_is_the_interpolation(patched_run):
     raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
     head = C.zeroshot_head(model, tokenizer(), meta["classnames"], meta["templates"], "cpu")
     with torch.no_grad():
-        features = model.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu"))
+        features = model.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu", pixels=C.DATA["eurosat_ms"].pixels))
     predicted = (F.normalize(features, dim=-1) @ head).argmax(1).numpy()
     assert metrics["alphas"][1]["task_acc"] == pytest.approx(np.mean(predicted == val.labels))
 
@@ -177,7 +177,7 @@ def test_finetuning_lowers_the_training_loss(patched_run):
     batch = C.ImageFiles(train)[list(range(len(train.files)))]
     model = initial_model()
     head = C.zeroshot_head(model, tokenizer(), meta["classnames"], meta["templates"], "cpu")
-    x, y = C.clip_input(batch["images"], meta["preprocess_cfg"], "cpu"), batch["labels"]
+    x, y = C.clip_input(batch["images"], meta["preprocess_cfg"], "cpu", pixels=C.DATA["eurosat_ms"].pixels), batch["labels"]
 
     def loss():
         with torch.no_grad():
@@ -234,7 +234,7 @@ def test_alpha_rule_takes_the_best_mean_and_the_smaller_alpha_on_ties(tmp_path, 
     root = small_ms(tmp_path)
     make_eurosat_rgb(tmp_path / "control", per_class=6, classes=["beach", "glacier"], size=32)
     scripted = [0.2, 0.9, 0.9, 0.5, 0.95, 0.45]  # (task, control) at alpha 0, 0.5, 1: means 0.55, 0.7, 0.7
-    monkeypatch.setattr(stage, "accuracy", lambda *args: scripted.pop(0))
+    monkeypatch.setattr(stage, "zeroshot_score", lambda *args: ("acc", scripted.pop(0)))
     out = tmp_path / "out"
     stage.main(tiny_patch_args(root, out, "eurosat_ms", "--control", "folder",
                                "--control-root", str(tmp_path / "control" / "eurosat" / "2750")))
@@ -261,7 +261,7 @@ def test_cli_on_real_eurosat_ms_tifs_and_their_rgb_composite(tmp_path):
         ms = tifffile.imread(path)
         assert ms.shape == (64, 64, 13) and ms.dtype == np.uint16
         expected = np.floor(np.clip(np.stack([ms[..., 3], ms[..., 2], ms[..., 1]], -1) * 255.0 / 3558, 0, 255))
-        got = C.rgb_composite(torch.from_numpy(ms.astype(np.float32)).permute(2, 0, 1)[None])[0].permute(1, 2, 0)
+        got = C.rgb_composite(torch.from_numpy(ms.astype(np.float32)).permute(2, 0, 1)[None], 3558)[0].permute(1, 2, 0)
         assert torch.equal(got, torch.from_numpy(expected).float()), path
         assert 0 <= got.min() and got.max() <= 255 and 10 < got.mean() < 200, (path, got.mean())
         # red, green and blue really are B04, B03, B02: B01 (aerosol) and B10 (cirrus) differ from them
@@ -398,11 +398,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, monkeypat
     stop_at = {1, 2}  # SIGTERM while step 1 (0-based) runs, i.e. mid-epoch, and again at the end of epoch 0
     clip_input = C.clip_input
 
-    def sigterm_during(raw, cfg, device, flip_seed_step=None):
+    def sigterm_during(raw, cfg, device, flip_seed_step=None, **kw):
         if flip_seed_step is not None and flip_seed_step[1] in stop_at:
             stop_at.discard(flip_seed_step[1])
             signal.raise_signal(signal.SIGTERM)
-        return clip_input(raw, cfg, device, flip_seed_step)
+        return clip_input(raw, cfg, device, flip_seed_step, **kw)
     monkeypatch.setattr(C, "clip_input", sigterm_during)
     out = tmp_path / "parts"
     for expected_position in ((2, 0, 2), (3, 0, 3)):  # (step, epoch, batches done in it) of last.pt

@@ -130,7 +130,7 @@ def test_student_learns_the_teacher_and_the_teacher_is_untouched(aligned, patche
     raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
     meta = json.load(open(os.path.join(patched_run["ckpt"], "patched.json")))
     with torch.no_grad():
-        target = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu"))
+        target = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu", pixels=C.DATA["eurosat_ms"].pixels))
         mse = {name: F.mse_loss(C.load_student(os.path.join(aligned["out"], name))[0](C.ms_input(raw, 32, "cpu")),
                                 target).item() for name in ("student_init.pt", "student.pt")}
     assert mse["student.pt"] < 0.5 * mse["student_init.pt"], mse
@@ -145,7 +145,7 @@ def test_teacher_cache_equals_a_fresh_forward_pass(aligned, patched_run):
     train = C.load_split("eurosat_ms", patched_run["root"], "train", 0)
     raw = C.ImageFiles(train)[list(range(len(train.files)))]["images"]
     with torch.no_grad():
-        fresh = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu"))
+        fresh = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu", pixels=C.DATA["eurosat_ms"].pixels))
     cached = [torch.load(p, weights_only=True)["embeddings"] for p in glob.glob(os.path.join(aligned["out"], "teacher-*.pt"))]
     assert any(c.shape == fresh.shape and torch.allclose(c, fresh, atol=1e-5) for c in cached)
 
