@@ -24,19 +24,16 @@ import argparse
 import copy
 import os
 
-import torch
-import torch.nn.functional as F
-
-import common as C
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="eurosat", choices=C.DATASETS, help="task data set (default: eurosat)")
+    p.add_argument("--data", default="eurosat", help="task data set: eurosat, eurosat_ms, bigearthnet19, ... "
+                   "(the README's data table; default: eurosat)")
     p.add_argument("--root", default=None, help="its folder (default: data/<name>, see README)")
     p.add_argument("--download", action="store_true", help="download EuroSAT RGB with torchvision first")
-    p.add_argument("--control", default=None, choices=C.DATASETS,
-                   help="control data set, evaluated zero-shot to pick alpha (default: none; paper: resisc45)")
+    p.add_argument("--control", default=None,
+                   help="control data set, evaluated zero-shot to pick alpha: resisc45, imagenet, ... (default: none; "
+                        "PAINT: imagenet)")
     p.add_argument("--control-root", default=None, help="its folder (default: data/<name>)")
     p.add_argument("--control-per-class", type=int, default=None, metavar="N",
                    help="evaluate the control on N images per class, the same ones for the same --split-seed "
@@ -67,8 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and augmentation (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=C.default_workers(),
-                   help=f"data loader processes (default: {C.default_workers()}, one per core up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (default: one per core, up to 8)")
     p.add_argument("--cache", default=None, help="folder for packed, memory-mapped splits (default: none)")
     p.add_argument("--out", default="runs/patch", help="run folder (default: runs/patch)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: 500)")
@@ -77,6 +74,15 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable images, count them")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and flag errors answer here, before torch and the models are imported (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common as C  # noqa: E402
 
 
 def interpolate_weights(theta_0, theta_1, alpha):

@@ -24,16 +24,12 @@ the training scenes).
 import argparse
 import os
 
-import torch
-import torch.nn.functional as F
-
-import common as C
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="runs/patch", help="stage 1's run folder, the patched CLIP (default: runs/patch)")
-    p.add_argument("--data", default="eurosat_ms", choices=C.MS_DATASETS, help="Sentinel-2 data set (default: eurosat_ms)")
+    p.add_argument("--data", default="eurosat_ms", help="Sentinel-2 data set: eurosat_ms, bigearthnet19, "
+                   "bigearthnet43, bigearthnet5 (default: eurosat_ms)")
     p.add_argument("--root", default=None, help="its folder (default: data/<name>, see README)")
     p.add_argument("--prompts", default=None, help="JSON file of class names and/or templates for the text head "
                    "(default: the teacher's prompts on the data it was patched on, else the data set's own; README)")
@@ -56,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the student's init and the data order (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=C.default_workers(),
-                   help=f"data loader processes (default: {C.default_workers()}, one per core up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (default: one per core, up to 8)")
     p.add_argument("--cache", default=None, help="folder for packed splits and teacher embeddings (default: none; "
                    "teacher embeddings then go to --out)")
     p.add_argument("--out", default="runs/align", help="run folder (default: runs/align)")
@@ -67,6 +63,15 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable tifs, count them")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and flag errors answer here, before torch and the models are imported (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common as C  # noqa: E402
 
 
 def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weight, mse_weight=1.0):
@@ -195,6 +200,9 @@ def run(args, argv, session):
     # On the scenes the teacher was patched on, its split seed keeps its training scenes out of
     # the student's validation split and out of stage 3's test split; other data sets use it too.
     train = C.head_prompts(C.load_split(args.data, args.root, "train", meta["split_seed"]), meta, args.prompts)
+    if train.modality != "ms":
+        raise C.UserError(f"the student reads Sentinel-2 bands, --data {args.data} is RGB; pass "
+                          + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
     val = C.load_split(args.data, train.root, "val", meta["split_seed"])
     if "train_scenes" in meta:  # the teacher chose alpha on these val scenes: it must not have trained on them
         teacher_scenes = C.read_scenes(os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),

@@ -33,11 +33,6 @@ import math
 import os
 from dataclasses import replace
 
-import torch
-import torch.nn.functional as F
-
-import common as C
-
 CKPT_HINT = ("pass --ckpt OUT, the run folder of 01_patch_clip.py (a patched CLIP) or of 02_align_s2.py (a "
              "student, or its student.pt), or leave out --ckpt and pass --model/--pretrained for an un-patched CLIP")
 
@@ -50,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrained", default=None, help="its open_clip tag, weights file, or 'none' (default: openai)")
     p.add_argument("--teacher", default=None, help="the student's teacher, a stage-1 run folder (default: the one it records)")
     p.add_argument("--data", nargs="+", default=None, metavar="NAME[=ROOT]",
-                   help=f"data sets to evaluate, each NAME or NAME=ROOT, NAME one of {', '.join(C.DATASETS)} "
-                        f"(default: the checkpoint's own; eurosat for the baseline)")
+                   help="data sets to evaluate, each NAME or NAME=ROOT, NAME one of eurosat, eurosat_ms, resisc45, "
+                        "imagenet, bigearthnet19/43/5, folder (default: the checkpoint's own; eurosat for the baseline)")
     p.add_argument("--root", default=None, help="folder of a single --data NAME (default: data/<name>, or the folder "
                    "the checkpoint was trained on for its own data set; see README)")
     p.add_argument("--split", default="test", choices=("test", "val", "all"),
@@ -63,8 +58,8 @@ def parse_args(argv=None):
                    "checkpoint's prompts on its own data set, else the data set's own; README)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=C.default_workers(),
-                   help=f"data loader processes (default: {C.default_workers()}, one per core up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (default: one per core, up to 8)")
     p.add_argument("--cache", default=None, help="folder for packed, memory-mapped splits (default: none)")
     p.add_argument("--out", default=None, help="run folder (default: <checkpoint folder>/eval-<data>-<split>; "
                    "baseline: runs/eval/<model>-<pretrained>-<data>-<split>); with several --data, the folder "
@@ -82,6 +77,15 @@ def parse_args(argv=None):
     p.add_argument("--summary-format", default="md", choices=("md", "csv"), help="markdown or csv (default: md)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and flag errors answer here, before torch and the models are imported (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common as C  # noqa: E402
 
 
 # ============================================================================ metrics

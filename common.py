@@ -196,7 +196,7 @@ def list_class_folders(dataset, root, download=False, suffixes=RGB_SUFFIXES, cla
         fetch(root)
     folder = next((os.path.join(root, s) for s in subfolders if os.path.isdir(os.path.join(root, s))), root)
     if not os.path.isdir(folder):
-        hint = " or pass --download" if fetch else ""
+        hint = f" (01_patch_clip.py --data {dataset} --download fetches it)" if fetch else ""
         raise UserError(f"data folder {folder} does not exist; pass --root DIR{hint}")
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:

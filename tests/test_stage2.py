@@ -260,3 +260,10 @@ def test_a_failed_overwrite_leaves_the_finished_run_as_it_was(aligned, patched_r
     expect_error(capsys, align_args(patched_run, out, "--overwrite", "--seed", "7",
                                     "--student-weights", str(tmp_path / "missing.pth")), "missing.pth")
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
+
+
+def test_rgb_data_set_is_refused(tmp_path, patched_run, rgb_root, capsys):
+    args = align_args(patched_run, tmp_path / "out", epochs=1)
+    args[args.index("--root") + 1] = rgb_root
+    expect_error(capsys, [*args, "--data", "eurosat"], "Sentinel-2", "--data eurosat_ms")
+    assert not os.path.exists(tmp_path / "out")
