@@ -542,8 +542,9 @@ class ImageFiles(Dataset):
         self.scenes = scenes
         self.read = DATA[scenes.dataset].reader
         if not scenes.files:
-            raise UserError(f"the {scenes.split} split of {scenes.root} is empty (about "
-                            f"{SPLIT_FRACTIONS.get(scenes.split, 1):.0%} of the scenes fall in it); add images")
+            why = (f"none of its scenes are on the official {scenes.split} list" if scenes.official_split is not None
+                   else f"about {SPLIT_FRACTIONS.get(scenes.split, 1):.0%} of the scenes fall in it")
+            raise UserError(f"the {scenes.split} split of {scenes.root} is empty ({why}); add images")
         reasons = []
         for name in scenes.files:  # the first readable file sets the size; bad ones are reported per batch
             try:

@@ -1,6 +1,6 @@
 """Stage 3's metrics against independent implementations (a script; pytest does not collect it).
 
-    python 03_eval.py --ckpt runs/smoke/align/student.pt --root ../shared/data/eurosat_ms_sample \\
+    python 03_eval.py --ckpt runs/smoke/align \\
         --out runs/smoke/eval-sk --save-embeddings
     pip install scikit-learn   # not a dependency of the project
     python tests/compare_sklearn.py runs/smoke/eval-sk
