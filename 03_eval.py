@@ -85,6 +85,12 @@ def per_class_recall(pred, labels, n_classes):
     return hits / counts  # 0/0 = NaN
 
 
+def confusion_matrix(pred, labels, n_classes):
+    """Confusion matrix (sklearn's confusion_matrix): counts[i, j] = images of class i predicted as
+    class j; rows are true classes, columns predicted ones."""
+    return torch.bincount(labels * n_classes + pred, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+
+
 def balanced_accuracy(pred, labels, n_classes):
     """Mean per-class recall (CLIP_benchmark's mean_per_class_recall, sklearn's
     balanced_accuracy_score): per-class recall averaged over the classes that have images."""
@@ -150,14 +156,17 @@ def as_targets(labels, n_classes):
 
 
 def zeroshot_metrics(logits, labels, classes):
-    """Zero-shot classification metrics of one encoder, as CLIP_benchmark reports them."""
+    """Zero-shot classification metrics of one encoder, as CLIP_benchmark reports them, and for
+    single-label data the confusion matrix (its classes in order; drawn as confusion.png)."""
     if labels.ndim == 2:
         mean_ap, aps = C.mean_average_precision(logits, labels)
         return {"mean_average_precision": mean_ap, "per_class_ap": dict(zip(classes, aps.tolist()))}
     pred = logits.argmax(dim=1)
     return {"acc1": topk_accuracy(logits, labels, 1), "acc5": topk_accuracy(logits, labels, 5),
             "mean_per_class_recall": balanced_accuracy(pred, labels, len(classes)),
-            "per_class": dict(zip(classes, per_class_recall(pred, labels, len(classes)).tolist()))}
+            "per_class": dict(zip(classes, per_class_recall(pred, labels, len(classes)).tolist())),
+            "confusion_matrix": {"classes": list(classes),
+                                 "counts": confusion_matrix(pred, labels, len(classes)).tolist()}}
 
 
 def text_to_image(head, features, targets, classes):
@@ -328,9 +337,12 @@ def clean(obj):
 
 
 def flatten(obj, prefix=""):
-    """{'a': {'b': 1}} -> {'a/b': 1}: one column per metric in the results log."""
+    """{'a': {'b': 1}} -> {'a/b': 1}: one column per metric in the results log. Lists (a confusion
+    matrix and its classes) are not metrics: they stay in metrics.json."""
     out = {}
     for k, v in obj.items():
+        if isinstance(v, list):
+            continue
         out.update(flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
