@@ -16,7 +16,8 @@ not changed. The teacher sees no augmentation, so its embeddings are computed on
 cached (teacher_embeddings).
 Writes OUT/args.json, log.jsonl, metrics.json, student_init.pt (the student before training,
 for stage 3's modality gap "before") and student.pt (weights, architecture, input size,
-normalisation, embedding size and the teacher's path and weights hash).
+normalisation, embedding size and the teacher's path and weights hash); last, training.png (the
+losses and the validation metric per epoch) from metrics.json (--no-plots: not).
 """
 import argparse
 import os
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable tifs, count them")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--no-plots", action="store_true",
+                   help="do not draw the run's pictures (default: draw them when matplotlib is installed)")
     return p.parse_args(argv)
 
 
@@ -295,6 +298,7 @@ def run(args, argv, session):
     if bad:
         print(f"skipped {len(bad)} unreadable files (listed in metrics.json)")
     print(f"wrote {args.out}/student.pt")
+    C.draw_pictures(args.out, session, draw=not args.no_plots)  # training.png, from metrics.json
     return {"student": student, "teacher": teacher, "head": head, "metrics": progress["history"]}
 
 

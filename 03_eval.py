@@ -16,7 +16,9 @@ and for a student, with its teacher CLIP:
   the mean cosine of true vs random pairs; before (OUT/student_init.pt, when stage 2 saved it)
   and after alignment.
 Every image is read once and embedded once by each encoder. Writes OUT/args.json, OUT/metrics.json
-(and OUT/embeddings.pt with --save-embeddings) and appends one JSON line to --results.
+(and OUT/embeddings.pt with --save-embeddings) and appends one JSON line to --results; for a
+student also OUT/modality_gap_pca.json (the gap's 2-D picture as numbers). Last, drawn from those
+JSON files: confusion.png (per_class_ap.png for multi-label data) and modality_gap.png.
 """
 import argparse
 import datetime
@@ -64,6 +66,8 @@ def parse_args(argv=None):
                         "(default log: runs/results.jsonl)")
     p.add_argument("--summary-format", default="md", choices=("md", "csv"), help="markdown or csv (default: md)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--no-plots", action="store_true", help="do not draw modality_gap.png and confusion.png "
+                   "(per_class_ap.png) (default: draw them when matplotlib is installed)")
     return p.parse_args(argv)
 
 
@@ -535,6 +539,7 @@ def run(args, session):
     C.write_json(os.path.join(args.out, "metrics.json"),
                  {**setting, "prompts": used_prompts, "metrics": metrics, "warnings": warnings, "skipped": bad,
                   "run": run_info})
+    C.save_modality_gap_pca(args.out, features)  # the data of modality_gap.png (none without a student)
     if args.save_embeddings:
         C.save_torch(os.path.join(args.out, "embeddings.pt"), {
             "features": features, "logits": logits, "labels": labels, "index": index,
@@ -542,6 +547,7 @@ def run(args, session):
     time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     C.append_jsonl(args.results, {"time": time, **setting, **flatten(metrics)})
     print(f"\nwrote {args.out}/metrics.json; appended to {args.results}")
+    C.draw_pictures(args.out, session, draw=not args.no_plots)  # from metrics.json, modality_gap_pca.json
 
 
 if __name__ == "__main__":
