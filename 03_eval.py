@@ -65,6 +65,8 @@ def parse_args(argv=None):
                         "per data set, top-1 (mAP for multi-label) and the gain over the un-patched CLIP "
                         "(default log: runs/results.jsonl)")
     p.add_argument("--summary-format", default="md", choices=("md", "csv"), help="markdown or csv (default: md)")
+    p.add_argument("--summary-plot", default=None, metavar="FILE", help="with --summary: also draw the table as "
+                   "grouped bars into FILE, a .png (needs matplotlib) (default: none)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--no-plots", action="store_true", help="do not draw modality_gap.png and confusion.png "
                    "(per_class_ap.png) (default: draw them when matplotlib is installed)")
@@ -384,8 +386,9 @@ def summary_rows(lines):
     return table
 
 
-def summary_table(table, fmt="md"):
-    """Text of summary_rows(): markdown (pastes into a README) or csv."""
+def summary_layout(table):
+    """The rows and columns of summary_rows() as the table shows them: (rows in order, their names,
+    columns in order, their labels)."""
     def row_name(row):
         kind, rest = row[0], row[1:]
         if kind == "baseline":
@@ -403,8 +406,14 @@ def summary_table(table, fmt="md"):
             label += f" [prompts {(prompts or 'unknown')[:8]}]"
         labels.append(label)
     order = sorted(table, key=lambda r: (["baseline", "patched", "student"].index(r[0]), row_name(r)))
+    return order, [row_name(r) for r in order], columns, labels
+
+
+def summary_table(table, fmt="md"):
+    """Text of summary_rows(): markdown (pastes into a README) or csv."""
+    order, names, columns, labels = summary_layout(table)
     cell = lambda v: "" if v is None else f"{v[0]:.2f}" + ("" if v[1] is None else f" ({v[1]:+.2f})")  # noqa: E731
-    rows = [[row_name(r)] + [cell(table[r].get(c)) for c in columns] for r in order]
+    rows = [[name] + [cell(table[r].get(c)) for c in columns] for r, name in zip(order, names)]
     if fmt == "csv":
         import csv
         import io
@@ -415,8 +424,12 @@ def summary_table(table, fmt="md"):
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def summary(path, fmt):
-    """--summary: the results log as the paper's table."""
+def summary(path, fmt, plot=None):
+    """--summary: the results log as the paper's table; with --summary-plot FILE also as grouped bars."""
+    if plot:  # checked before anything is printed
+        if not C.have_matplotlib():
+            raise C.UserError(f"--summary-plot {plot} needs matplotlib; pip install matplotlib, or drop --summary-plot")
+        C.check_writable(plot, "the picture", "--summary-plot FILE")
     if not os.path.isfile(path):
         raise C.UserError(f"no results log {path}; run 03_eval.py first, or pass --summary FILE")
     try:
@@ -430,6 +443,11 @@ def summary(path, fmt):
     if fmt == "md":
         print("\ntop-1 accuracy (mAP for multi-label data) in %; in brackets the gain over the un-patched CLIP of "
               "the same model and tag in the same column")
+    if plot:
+        order, names, columns, labels = summary_layout(table)
+        C.plot_summary(plot, names, labels, [[table[r].get(c, (None,))[0] for c in columns] for r in order])
+        if fmt == "md":  # csv goes to stdout as it is
+            print(f"wrote {plot}")
 
 
 # ============================================================================ main
@@ -438,8 +456,10 @@ def summary(path, fmt):
 def main(argv=None):
     args = parse_args(argv)
     with C.Session(args.debug) as session:
+        if args.summary_plot and not args.summary:
+            raise C.UserError("--summary-plot draws the table of --summary; pass --summary too")
         if args.summary:
-            return summary(args.summary, args.summary_format)
+            return summary(args.summary, args.summary_format, args.summary_plot)
         run(args, session)
 
 

@@ -1571,6 +1571,24 @@ def plot_per_class_ap(folder):
     return figure
 
 
+def plot_summary(path, models, settings, values):
+    """The paper's table (03_eval.py --summary-plot FILE) as grouped bars: one group per evaluation
+    setting (data set and split), one bar per model, its zero-shot top-1 accuracy (mAP for
+    multi-label data) in % (values[model][setting], None where the model was not evaluated)."""
+    figure, (ax,) = new_figure("summary.png")
+    width = 0.8 / len(models)
+    for k, (model, row) in enumerate(zip(models, values)):
+        bars = ax.bar(np.arange(len(settings)) + (k - (len(models) - 1) / 2) * width,
+                      [np.nan if v is None else v for v in row], width, label=model, color=f"C{k % 10}")
+        ax.bar_label(bars, ["" if v is None else f"{v:.1f}" for v in row], fontsize=7)
+    ax.set_xticks(np.arange(len(settings)), settings, fontsize=8)
+    ax.set(ylabel="zero-shot top-1 accuracy or mAP (%)", ylim=(0, 100),
+           title="zero-shot classification (the results log's table)")
+    figure.legend(loc="outside lower center", ncols=min(3, len(models)), fontsize=7)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=PLOT_DPI))
+
+
 def pictures(folder):
     """The pictures the JSON in a run folder supports: {file name: function drawing its Figure}."""
     path = os.path.join(folder, "metrics.json")

@@ -191,3 +191,22 @@ def test_a_picture_that_fails_costs_one_line_never_the_run(runs, tmp_path, capsy
         C.draw_pictures(str(out), session)
     assert "the run is saved" in session.on_stop and "plot_run" in session.on_stop
 
+
+def test_summary_plot_draws_the_table_as_grouped_bars(tmp_path, capsys, monkeypatch):
+    log, png = str(tmp_path / "results.jsonl"), str(tmp_path / "summary.png")
+    for kind, ckpt, value in (("baseline", None, 0.4), ("patched", "/r/patch", 0.7)):
+        C.append_jsonl(log, {"ckpt_kind": kind, "ckpt": ckpt, "teacher": None, "data": "eurosat_ms", "split": "test",
+                             "n_images": 100, "prompts_sha256": "p", "model": "ViT-B-32", "pretrained": "openai",
+                             "zeroshot/clip_rgb/acc1": value})
+    with pytest.raises(SystemExit) as e:  # the flag belongs to --summary
+        evaluate.main(["--summary-plot", png])
+    assert e.value.code == 2 and "--summary" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)
+        with pytest.raises(SystemExit) as e:  # asked for by name: an error before anything is printed
+            evaluate.main(["--summary", log, "--summary-plot", png])
+        assert e.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
+    pytest.importorskip("matplotlib", reason="the pictures need matplotlib (pip install matplotlib)")
+    evaluate.main(["--summary", log, "--summary-plot", png])
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {png}"
+    assert_picture(png)
