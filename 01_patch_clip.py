@@ -1,6 +1,8 @@
 """Stage 1: patch an open_clip CLIP on remote-sensing RGB images (PAINT, Ilharco et al. 2022).
 
     python 01_patch_clip.py --data eurosat --control resisc45          # the paper's setting
+    python 01_patch_clip.py --data bigearthnet19 --label-smoothing 0.2 --control imagenet \
+        --control-root data/imagenet/val --control-per-class 10        # PAINT's supported task as control
     python 01_patch_clip.py --data eurosat_ms --root data/EuroSAT_MS   # RGB composites of the tifs
     python 01_patch_clip.py --model ViT-S-32 --pretrained none --data eurosat_ms \\
         --root ../shared/data/eurosat_ms_sample --epochs 1 --out runs/smoke/patch   # CPU smoke run
@@ -23,20 +25,22 @@ import argparse
 import copy
 import os
 
-import torch
-import torch.nn.functional as F
-
-import common as C
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="eurosat", choices=C.DATASETS, help="task data set (default: eurosat)")
+    p.add_argument("--data", default="eurosat", help="task data set: eurosat, eurosat_ms, bigearthnet19, ... "
+                   "(the README's data table; default: eurosat)")
     p.add_argument("--root", default=None, help="its folder (default: data/<name>, see README)")
     p.add_argument("--download", action="store_true", help="download EuroSAT RGB with torchvision first")
-    p.add_argument("--control", default=None, choices=C.DATASETS,
-                   help="control data set, evaluated zero-shot to pick alpha (default: none; paper: resisc45)")
+    p.add_argument("--control", default=None,
+                   help="control data set, evaluated zero-shot to pick alpha: resisc45, imagenet, ... (default: none; "
+                        "PAINT: imagenet)")
     p.add_argument("--control-root", default=None, help="its folder (default: data/<name>)")
+    p.add_argument("--control-per-class", type=int, default=None, metavar="N",
+                   help="evaluate the control on N images per class, the same ones for the same --split-seed "
+                        "(default: all of its split; e.g. 10 for ImageNet's 50,000)")
+    p.add_argument("--prompts", default=None, help="JSON file of class names and/or templates for the task's head "
+                   "(default: the data set's own; README)")
     p.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
     p.add_argument("--pretrained", default="openai",
                    help="open_clip tag, local checkpoint path, or 'none' for random weights (default: openai)")
@@ -61,8 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and augmentation (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=C.default_workers(),
-                   help=f"data loader processes (default: {C.default_workers()}, one per core up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (default: one per core, up to 8)")
     p.add_argument("--cache", default=None, help="folder for packed, memory-mapped splits (default: none)")
     p.add_argument("--out", default="runs/patch", help="run folder (default: runs/patch)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: 500)")
@@ -73,6 +77,15 @@ def parse_args(argv=None):
     p.add_argument("--no-plots", action="store_true",
                    help="do not draw the run's pictures (default: draw them when matplotlib is installed)")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and flag errors answer here, before torch and the models are imported (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common as C  # noqa: E402
 
 
 def interpolate_weights(theta_0, theta_1, alpha):
@@ -116,6 +129,21 @@ def zeroshot_score(model, head, dataset, preprocess_cfg, args, device, bad):
     return C.zeroshot_score(C.zeroshot_logits(features, head.cpu(), model.logit_scale.detach().cpu()), labels)
 
 
+def load_control(args):
+    """The control task's images: its validation split, or its test split where it has no other
+    (ImageNet's validation set is the test set of every published figure; PAINT picks alpha on it
+    too); with --control-per-class, a fixed subset of N images per class."""
+    control = C.load_split(args.control, args.control_root, "val", args.split_seed)
+    if not control.files:
+        control = C.load_split(args.control, args.control_root, "test", args.split_seed)
+    if args.control_per_class:
+        control = C.per_class_subset(control, args.control_per_class, args.split_seed)
+    if not control.files:
+        raise C.UserError(f"the control {args.control} in {control.root} has no images to evaluate; pass another "
+                          f"--control-root")
+    return control
+
+
 def main(argv=None):
     args = parse_args(argv)
     with C.Session(args.debug) as session:
@@ -130,17 +158,17 @@ def run(args, argv, session):
     bad = {}  # path -> reason, for --skip-bad-files
 
     # ------------------------------------------------------------------ data
-    train = C.load_split(args.data, args.root, "train", args.split_seed, args.download)
+    train = C.with_prompts(C.load_split(args.data, args.root, "train", args.split_seed, args.download), args.prompts)
     val = C.load_split(args.data, train.root, "val", args.split_seed)
     train_ds = C.open_images(train, args.cache, args.workers)
     val_ds = C.open_images(val, args.cache, args.workers)
     control = control_ds = None
     if args.control:
-        control = C.load_split(args.control, args.control_root, "val", args.split_seed)
+        control = load_control(args)
         control_ds = C.open_images(control, args.cache, args.workers)
     print(f"{args.data}: {len(train_ds)} train / {len(val_ds)} val images of {len(train.classes)} classes "
-          f"from {train.root}" + (f"; control {args.control}: {len(control_ds)} val images" if control else "")
-          + C.left_out_note(train))
+          f"from {train.root}" + C.left_out_note(train) + (f"; control {args.control}: {len(control_ds)} "
+          f"{control.split} images" if control else ""))
 
     # ------------------------------------------------------------------ model and zero-shot head
     model, tokenizer, clip_config = C.load_clip(args.model, args.pretrained, device)
@@ -254,12 +282,15 @@ def run(args, argv, session):
     model.visual.load_state_dict(interpolate_weights(theta_zeroshot, theta_finetuned, chosen))
     train_scenes_sha256 = C.write_scenes(os.path.join(args.out, "train_scenes.txt"), train)  # stage 3 checks them
     weights = C.save_clip(model, clip_config, args.out)  # open_clip's folder format: "local-dir:OUT"
+    control_info = control and {"dataset": control.dataset, "root": os.path.abspath(control.root), "split": control.split,
+                                "per_class": args.control_per_class, "n_images": len(control.files)}
     C.write_json(os.path.join(args.out, "metrics.json"), {
-        "epochs": progress["history"], "alphas": rows, "chosen_alpha": chosen, "control": args.control, "steps": step,
+        "epochs": progress["history"], "alphas": rows, "chosen_alpha": chosen, "control": control_info, "steps": step,
         "skipped_files": bad})
     C.write_json(os.path.join(args.out, "patched.json"), {  # written last: it marks the run as finished
         "kind": "rsclip-align/patched-clip", "model": C.open_clip_name(args.model, clip_config.get("quick_gelu")),
-        "pretrained": args.pretrained, "alpha": chosen, "dataset": args.data, "classes": train.classes,
+        "pretrained": args.pretrained, "alpha": chosen, "dataset": args.data, "root": os.path.abspath(train.root),
+        "scenes": C.scene_set(args.data, train.root), "classes": train.classes,
         "classnames": train.classnames, "templates": list(train.templates), "split_seed": args.split_seed,
         "split_fractions": C.SPLIT_FRACTIONS, "preprocess_cfg": preprocess_cfg,
         "train_scenes": "train_scenes.txt", "train_scenes_sha256": train_scenes_sha256,

@@ -7,32 +7,33 @@
         --root ../shared/data/eurosat_ms_sample --input-size 64 --epochs 1 --out runs/smoke/align  # CPU smoke run
 
 The teacher, the image tower of stage 1's patched CLIP, frozen, sees the RGB composite of each
-scene (B04, B03, B02 x 255/3558 for L1C, x 255/2000 for BigEarthNet's L2A) through CLIP's preprocessing; the student, a ViT-S/16 with a
-13-band patch embedding and a linear projection, sees all 13 bands as reflectance. Loss:
+scene (B04, B03, B02 x 255/3558 for L1C, x 255/2000 for BigEarthNet's L2A) through CLIP's
+preprocessing; the student, a ViT-S/16 with a 13-band patch embedding and a linear projection,
+sees all 13 bands as reflectance. Loss:
     L = MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y)           (alignment_loss)
 with s, t the student's and teacher's embeddings of the same scene, W the frozen zero-shot head
-and lambda = --ce-weight; BCE-with-logits for multi-label targets. No text is needed and CLIP is
+(the teacher's text tower on this data set's prompts: any Sentinel-2 data set can be aligned to a
+CLIP patched on any other) and lambda = --ce-weight; BCE-with-logits for multi-label targets. No text is needed and CLIP is
 not changed. The teacher sees no augmentation, so its embeddings are computed once per split and
 cached (teacher_embeddings).
 Writes OUT/args.json, log.jsonl, metrics.json, student_init.pt (the student before training,
 for stage 3's modality gap "before") and student.pt (weights, architecture, input size,
-normalisation, embedding size and the teacher's path and weights hash); last, training.png (the
-losses and the validation metric per epoch) from metrics.json (--no-plots: not).
+normalisation, embedding size, the teacher's path and weights hash, the data set, its prompts and
+the training scenes); last, training.png (the losses and the validation metric per epoch) from
+metrics.json (--no-plots: not).
 """
 import argparse
 import os
-
-import torch
-import torch.nn.functional as F
-
-import common as C
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="runs/patch", help="stage 1's run folder, the patched CLIP (default: runs/patch)")
-    p.add_argument("--data", default="eurosat_ms", choices=C.MS_DATASETS, help="Sentinel-2 data set (default: eurosat_ms)")
+    p.add_argument("--data", default="eurosat_ms", help="Sentinel-2 data set: eurosat_ms, bigearthnet19, "
+                   "bigearthnet43, bigearthnet5 (default: eurosat_ms)")
     p.add_argument("--root", default=None, help="its folder (default: data/<name>, see README)")
+    p.add_argument("--prompts", default=None, help="JSON file of class names and/or templates for the text head "
+                   "(default: the teacher's prompts on the data it was patched on, else the data set's own; README)")
     p.add_argument("--student", default="vit_small_patch16_224", help="timm architecture (default: vit_small_patch16_224)")
     p.add_argument("--input-size", type=int, default=None, help="student input side in pixels (default: the timm model's, 224)")
     p.add_argument("--student-weights", default=None, help="SSL4EO-S12-style backbone checkpoint (default: random init)")
@@ -52,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the student's init and the data order (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=C.default_workers(),
-                   help=f"data loader processes (default: {C.default_workers()}, one per core up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (default: one per core, up to 8)")
     p.add_argument("--cache", default=None, help="folder for packed splits and teacher embeddings (default: none; "
                    "teacher embeddings then go to --out)")
     p.add_argument("--out", default="runs/align", help="run folder (default: runs/align)")
@@ -65,6 +66,15 @@ def parse_args(argv=None):
     p.add_argument("--no-plots", action="store_true",
                    help="do not draw the run's pictures (default: draw them when matplotlib is installed)")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and flag errors answer here, before torch and the models are imported (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common as C  # noqa: E402
 
 
 def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weight, mse_weight=1.0):
@@ -183,21 +193,26 @@ def run(args, argv, session):
     C.check_run_dir(args.out, "student.pt", args.overwrite, args.resume)
     bad = {}  # path -> reason, for --skip-bad-files
 
-    # ------------------------------------------------------------------ teacher and its text head
+    # ------------------------------------------------------------------ teacher
     teacher, meta, tokenizer = C.load_teacher(args.teacher, device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    head = C.zeroshot_head(teacher, tokenizer, meta["classnames"], meta["templates"], device)
     logit_scale = teacher.logit_scale.detach()
 
-    # ------------------------------------------------------------------ data (the teacher's split)
-    train = C.load_split(args.data, args.root, "train", meta["split_seed"])
+    # ------------------------------------------------------------------ data (with the teacher's split seed)
+    # On the scenes the teacher was patched on, its split seed keeps its training scenes out of
+    # the student's validation split and out of stage 3's test split; other data sets use it too.
+    train = C.head_prompts(C.load_split(args.data, args.root, "train", meta["split_seed"]), meta, args.prompts)
+    if train.modality != "ms":
+        raise C.UserError(f"the student reads Sentinel-2 bands, --data {args.data} is RGB; pass "
+                          + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
     val = C.load_split(args.data, train.root, "val", meta["split_seed"])
-    C.check_classes(meta["classes"], train, f"--teacher {args.teacher}")
     if "train_scenes" in meta:  # the teacher chose alpha on these val scenes: it must not have trained on them
         teacher_scenes = C.read_scenes(os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),
                                        meta["train_scenes_sha256"])
         C.check_held_out(val, teacher_scenes, f"--teacher {args.teacher}")
+    # the frozen text head W of the CE term: the teacher's text tower on this data set's prompts
+    head = C.zeroshot_head(teacher, tokenizer, train.classnames, train.templates, device)
     train_ds = C.open_images(train, args.cache, args.workers)
     val_ds = C.open_images(val, args.cache, args.workers)
     print(f"{args.data}: {len(train_ds)} train / {len(val_ds)} val scenes of {len(train.classes)} classes from "
@@ -214,7 +229,7 @@ def run(args, argv, session):
     # ------------------------------------------------------------------ run folder (every input is checked)
     C.lock_run_dir(session, args.out, args.resume)
     session.on_stop = C.stop_note(args.out, __file__, argv)
-    record = lambda: {**C.student_record(student, args.student, meta, args.teacher, args.data),  # noqa: E731
+    record = lambda: {**C.student_record(student, args.student, meta, args.teacher, train),  # noqa: E731
                       "train_scenes": sorted(map(C.scene_id, train.files))}  # stage 3 checks its test scenes
     if not args.resume:
         C.save_torch(os.path.join(args.out, "student_init.pt"), record())

@@ -1,8 +1,16 @@
-"""Stage 3: evaluate what stages 1 and 2 made, on the test split they held out.
+"""Stage 3: evaluate any model on any data set, zero-shot: the paper's claims are transfer claims.
 
-    python 03_eval.py --ckpt runs/align/student.pt --data eurosat_ms    # the aligned student and its teacher
-    python 03_eval.py --ckpt runs/patch --data eurosat                  # a patched CLIP on RGB
+    python 03_eval.py --ckpt runs/align --data eurosat_ms       # the aligned student and its teacher
+    python 03_eval.py --ckpt runs/patch --data eurosat resisc45=data/NWPU-RESISC45 imagenet=data/imagenet/val
     python 03_eval.py --model ViT-B-32 --pretrained openai --data eurosat   # the un-patched baseline
+    python 03_eval.py --summary                                 # the paper's table from runs/results.jsonl
+
+A CLIP (un-patched, patched, or a student's teacher) reads RGB data sets and the RGB composites of
+Sentinel-2 ones; a student reads Sentinel-2 ones. Each data set is evaluated with its own class
+names and templates (--prompts overrides them). On the scenes a model was trained on ("trained on":
+EuroSAT's jpgs and tifs are one set of scenes) only the split it held out is evaluated, with its
+seed, and checked against its recorded training scenes; any other data set is a "transfer" (its
+test split, an official one where it has one, or --split all).
 
 Measures, for each image encoder (clip_rgb: the CLIP on RGB images or on the RGB composites of
 the tifs; student_ms: the student on the 13 bands of the same tifs):
@@ -25,11 +33,7 @@ import datetime
 import json
 import math
 import os
-
-import torch
-import torch.nn.functional as F
-
-import common as C
+from dataclasses import replace
 
 CKPT_HINT = ("pass --ckpt OUT, the run folder of 01_patch_clip.py (a patched CLIP) or of 02_align_s2.py (a "
              "student, or its student.pt), or leave out --ckpt and pass --model/--pretrained for an un-patched CLIP")
@@ -42,18 +46,26 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="open_clip model of the un-patched baseline (default: ViT-B-32)")
     p.add_argument("--pretrained", default=None, help="its open_clip tag, weights file, or 'none' (default: openai)")
     p.add_argument("--teacher", default=None, help="the student's teacher, a stage-1 run folder (default: the one it records)")
-    p.add_argument("--data", default=None, choices=C.DATASETS,
-                   help="data set (default: the checkpoint's; eurosat for the baseline)")
-    p.add_argument("--root", default=None, help="its folder (default: data/<name>, see README)")
-    p.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
-    p.add_argument("--split-seed", type=int, default=None, help="split seed (default: the checkpoint's; baseline: 0)")
+    p.add_argument("--data", nargs="+", default=None, metavar="NAME[=ROOT]",
+                   help="data sets to evaluate, each NAME or NAME=ROOT, NAME one of eurosat, eurosat_ms, resisc45, "
+                        "imagenet, bigearthnet19/43/5, folder (default: the checkpoint's own; eurosat for the baseline)")
+    p.add_argument("--root", default=None, help="folder of a single --data NAME (default: data/<name>, or the folder "
+                   "the checkpoint was trained on for its own data set; see README)")
+    p.add_argument("--split", default="test", choices=("test", "val", "all"),
+                   help="split to evaluate: an official one where the data set has it; 'all' takes every image, "
+                        "for data sets the models were not trained on (default: test)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="split seed (default: the checkpoint's on the scenes it was trained on, else 0)")
+    p.add_argument("--prompts", default=None, help="JSON file of class names and/or templates (default: the "
+                   "checkpoint's prompts on its own data set, else the data set's own; README)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=C.default_workers(),
-                   help=f"data loader processes (default: {C.default_workers()}, one per core up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (default: one per core, up to 8)")
     p.add_argument("--cache", default=None, help="folder for packed, memory-mapped splits (default: none)")
     p.add_argument("--out", default=None, help="run folder (default: <checkpoint folder>/eval-<data>-<split>; "
-                   "baseline: runs/eval/<model>-<pretrained>-<data>-<split>)")
+                   "baseline: runs/eval/<model>-<pretrained>-<data>-<split>); with several --data, the folder "
+                   "holding one <data>-<split> folder each")
     p.add_argument("--results", default="runs/results.jsonl",
                    help="results log, one JSON line appended per run (default: runs/results.jsonl)")
     p.add_argument("--save-embeddings", action="store_true", help="also write OUT/embeddings.pt (embeddings, "
@@ -70,7 +82,19 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--no-plots", action="store_true", help="do not draw modality_gap.png and confusion.png "
                    "(per_class_ap.png) (default: draw them when matplotlib is installed)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.summary_plot and not args.summary:
+        p.error("--summary-plot draws the table of --summary; pass --summary too")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and flag errors answer here, before torch and the models are imported (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common as C  # noqa: E402
 
 
 # ============================================================================ metrics
@@ -224,8 +248,10 @@ def checkpoint_kind(path):
 
 
 def read_checkpoint(args):
-    """The checkpoint's kind and metadata; fills in the baseline's model and the student's teacher
-    (--teacher or the folder in student.pt, which must hold the weights the student was aligned to)."""
+    """The checkpoint's kind, its record (patched.json or the student's) and the patched.json of
+    the CLIP it holds or was aligned to (None for the baseline); fills in the baseline's model and
+    the student's teacher (--teacher or the folder in student.pt, which must hold the weights the
+    student was aligned to)."""
     kind, info = checkpoint_kind(args.ckpt)
     if kind != "baseline" and (args.model or args.pretrained):
         raise C.UserError("--model/--pretrained are for the un-patched baseline; a --ckpt records its own model, "
@@ -234,54 +260,103 @@ def read_checkpoint(args):
         raise C.UserError("--teacher is for a student checkpoint; drop it or pass --ckpt OUT/student.pt")
     if kind == "baseline":
         args.model, args.pretrained = args.model or "ViT-B-32", args.pretrained or "openai"
-    if kind == "student":
-        if os.path.isdir(args.ckpt):
-            args.ckpt = os.path.join(args.ckpt, "student.pt")
-        args.teacher = args.teacher or info["teacher"]["path"]
-        if not os.path.exists(args.teacher):
-            raise C.UserError(f"the student's teacher {args.teacher} does not exist; pass --teacher FOLDER, "
-                              f"the stage-1 run folder the student was aligned to")
-        teacher_meta = json.load(open(os.path.join(C.patched_folder(args.teacher), "patched.json")))
-        if teacher_meta.get("weights_sha256") != info["teacher"]["weights_sha256"]:
-            raise C.UserError(f"{args.teacher} is not the CLIP that {args.ckpt} was aligned to (other weights); "
-                              f"pass --teacher FOLDER of that stage-1 run")
-    return kind, info
+        return kind, None, None
+    if kind == "patched":
+        return kind, info, info
+    if os.path.isdir(args.ckpt):
+        args.ckpt = os.path.join(args.ckpt, "student.pt")
+    args.teacher = args.teacher or info["teacher"]["path"]
+    if not os.path.exists(args.teacher):
+        raise C.UserError(f"the student's teacher {args.teacher} does not exist; pass --teacher FOLDER, "
+                          f"the stage-1 run folder the student was aligned to")
+    teacher_meta = json.load(open(os.path.join(C.patched_folder(args.teacher), "patched.json")))
+    if teacher_meta.get("weights_sha256") != info["teacher"]["weights_sha256"]:
+        raise C.UserError(f"{args.teacher} is not the CLIP that {args.ckpt} was aligned to (other weights); "
+                          f"pass --teacher FOLDER of that stage-1 run")
+    return kind, info, teacher_meta
 
 
-def resolve_data(args, kind, info):
-    """The split to evaluate: the checkpoint's data set and split seed unless overridden."""
-    default_data = {"baseline": "eurosat", "patched": (info or {}).get("dataset"),
-                    "student": (info or {}).get("dataset") or "eurosat_ms"}[kind]
-    data = args.data or default_data
-    seed = info["split_seed"] if info else (args.split_seed or 0)
-    if args.split_seed is not None and args.split_seed != seed:
-        raise C.UserError(f"--split-seed {args.split_seed} differs from the seed {seed} that {args.ckpt} was trained "
-                          f"with: its {args.split} split would overlap the training images; drop --split-seed")
-    scenes = C.load_split(data, args.root, args.split, seed)
-    if info:
-        C.check_classes(info["classes"], scenes, args.ckpt)
-    if kind == "student" and scenes.modality != "ms":
-        raise C.UserError(f"a student reads Sentinel-2 bands, --data {data} is RGB; pass "
-                          + " or ".join(f"--data {name}" for name in C.MS_DATASETS))
-    return scenes
-
-
-def check_not_trained_on(scenes, args, kind, info, meta):
-    """Refuse a split that holds scenes the patched CLIP (its train_scenes.txt) or the student (its
-    record) was trained on; say so when a checkpoint records none (written by an older version)."""
-    sources = []
-    if meta is not None:
-        clip_path = args.ckpt if kind == "patched" else args.teacher
-        if "train_scenes" in meta:
-            trained = C.read_scenes(os.path.join(C.patched_folder(clip_path), meta["train_scenes"]),
-                                    meta["train_scenes_sha256"])
-            sources.append((trained, clip_path))
+def trainings(args, kind, info, clip_meta):
+    """What each evaluated model was trained on, the CLIP first: [{path, encoder, dataset, root,
+    scenes, seed, train_scenes, record}], train_scenes a function returning the set of scene ids
+    (read only when needed), record its patched.json or student record. None for the baseline."""
+    out = []
+    if clip_meta is not None:
+        path = args.ckpt if kind == "patched" else args.teacher
+        if "train_scenes" in clip_meta:
+            file = os.path.join(C.patched_folder(path), clip_meta["train_scenes"])
+            read = lambda: C.read_scenes(file, clip_meta["train_scenes_sha256"])  # noqa: E731
         else:
-            print(f"note: {clip_path} records no training scenes; cannot check that the {args.split} split is held out")
+            print(f"note: {path} records no training scenes; cannot check that its held-out split is held out")
+            read = set
+        out.append({"path": path, "encoder": "clip_rgb", "train_scenes": read, "record": clip_meta})
     if kind == "student":
-        sources.append((set(info.get("train_scenes", ())), args.ckpt))
-    for trained, path in sources:
-        C.check_held_out(scenes, trained, path)
+        out.append({"path": args.ckpt, "encoder": "student_ms", "record": info,
+                    "train_scenes": lambda: set(info.get("train_scenes", ()))})
+    for t in out:
+        r = t["record"]
+        t.update(dataset=r["dataset"], root=r.get("root"), scenes=C.trained_scenes(r), seed=r["split_seed"])
+    return out
+
+
+def data_specs(args, records):  # records: trainings()
+    """[(name, root)] from --data NAME[=ROOT] ... and --root; by default the checkpoint's own data
+    set (eurosat for the baseline). A checkpoint's own data set is looked for first in the folder
+    it was trained on."""
+    trained_roots = {r["dataset"]: r["root"] for r in records if r and r.get("root") and os.path.isdir(r["root"])}
+    names = args.data or [records[-1]["dataset"] if records else "eurosat"]
+    specs = []
+    for item in names:
+        name, sep, root = item.partition("=")
+        if name not in C.DATA:
+            raise C.UserError(f"unknown --data '{name}'; choose among {', '.join(C.DATASETS)}, each as NAME or NAME=ROOT")
+        if sep and not root:
+            raise C.UserError(f"--data {item} names no folder after '='; write {name}=ROOT, or {name} alone")
+        specs.append([name, root or None])
+    if args.root:
+        if len(specs) > 1 or specs[0][1]:
+            raise C.UserError("--root is for a single --data NAME; give several data sets as --data NAME=ROOT ...")
+        specs[0][1] = args.root
+    for spec in specs:
+        spec[1] = spec[1] or trained_roots.get(spec[0])
+    if len({name for name, _ in specs}) < len(specs):
+        raise C.UserError(f"--data names a data set twice ({' '.join(names)}); evaluate each folder in its own run")
+    return [tuple(spec) for spec in specs]
+
+
+def plan_split(name, root, args, kind, records):
+    """The scenes to evaluate on one data set and, for each image encoder, the case: 'trained on'
+    when the data set shows the scenes the model was trained on (EuroSAT's jpgs and tifs are one
+    set of scenes; BigEarthNet-19/43/5 are one): only the split it held out, with its seed, is
+    evaluated and checked against its training scenes; else 'transfer' (the test split, an official
+    one where the data set has it; --split all takes every image)."""
+    scenes = C.list_scenes(name, root)
+    if kind == "student" and scenes.modality != "ms":
+        raise C.UserError(f"a student reads Sentinel-2 bands, --data {name} is RGB; pass "
+                          + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
+    here = C.scene_set(name, scenes.root)
+    own = [r for r in records if r["scenes"] == here]
+    seeds = {r["seed"] for r in own}
+    if own and args.split == "all":
+        raise C.UserError(f"--split all would evaluate {own[0]['path']} on the scenes it was trained on ({name}); "
+                          f"pass --split test (its held-out split)")
+    if len(seeds) > 1:
+        raise C.UserError(f"the student and its teacher hold out other {name} scenes (split seeds {sorted(seeds)}); "
+                          f"evaluate them on another data set, or align with the teacher's seed")
+    seed = seeds.pop() if own else (args.split_seed if args.split_seed is not None else 0)
+    if own and args.split_seed is not None and args.split_seed != seed and not C.DATA[name].official_splits:
+        raise C.UserError(f"--split-seed {args.split_seed} differs from the seed {seed} that {own[0]['path']} was "
+                          f"trained with: its {args.split} split would overlap the training images; drop --split-seed")
+    split = scenes if args.split == "all" else scenes.subset(C.split_indices(scenes, seed)[args.split], args.split)
+    # the prompts the checkpoint was trained with on its own data, else the data set's own (or --prompts)
+    split = replace(C.head_prompts(split, records[-1]["record"] if records else None, args.prompts), seed=seed)
+    if not split.files:
+        raise C.UserError(f"the {args.split} split of {name} in {scenes.root} is empty; pass --split all"
+                          + (" (the data set was not trained on)" if not own else " after adding images"))
+    for record in own:
+        C.check_held_out(split, record["train_scenes"](), record["path"])
+    case = {r["encoder"]: "trained on" if r in own else "transfer" for r in records}
+    return split, case
 
 
 def load_models(args, kind, info, device):
@@ -300,9 +375,13 @@ def load_models(args, kind, info, device):
     return models
 
 
-def default_out(args, scenes):
-    """<checkpoint folder>/eval-<data>-<split>, or runs/eval/<model>-<pretrained>-<data>-<split> for the baseline."""
-    name = f"{scenes.dataset}-{args.split}"
+def default_out(args, scenes, several):
+    """The run folder of one evaluation: --out (with several data sets, --out/<data>-<split>);
+    else <checkpoint folder>/eval-<data>-<split>, or runs/eval/<model>-<pretrained>-<data>-<split>
+    for the baseline."""
+    name = f"{scenes.dataset}-{scenes.split}"
+    if args.out:
+        return os.path.join(args.out, name) if several else args.out
     if args.ckpt:
         folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
         return os.path.join(folder, f"eval-{name}")
@@ -311,13 +390,13 @@ def default_out(args, scenes):
     return os.path.join("runs", "eval", f"{model}-{pretrained}-{name}")
 
 
-def embed_split(encoders, dataset, args, device, bad):
+def embed_split(encoders, dataset, args, device, bad, split):
     """Every image of the split read once and embedded by each encoder in the same pass, so that
     row i is the same scene for all: ({name: (N, D) float32 CPU}, labels, dataset indices)."""
     loader = C.batch_loader(dataset, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda")
     all_encoders = lambda raw: torch.cat([encode(raw).float() for encode in encoders.values()], dim=1)
     features, labels, index = C.embed(all_encoders, loader, lambda raw: raw, device, args.skip_bad_files, bad,
-                                      desc=f"embed {args.split}")
+                                      desc=f"embed {split}")
     return dict(zip(encoders, features.chunk(len(encoders), dim=1))), labels, index
 
 
@@ -456,41 +535,48 @@ def summary(path, fmt, plot=None):
 def main(argv=None):
     args = parse_args(argv)
     with C.Session(args.debug) as session:
-        if args.summary_plot and not args.summary:
-            raise C.UserError("--summary-plot draws the table of --summary; pass --summary too")
         if args.summary:
             return summary(args.summary, args.summary_format, args.summary_plot)
         run(args, session)
 
 
 def run(args, session):
-    # ------------------------------------------------------------------ checkpoint, data, models, run folder
+    # ------------------------------------------------------------------ checkpoint, data, models, run folders
     device = C.pick_device(args.device)
     torch.manual_seed(0)  # only a baseline with --pretrained none draws random numbers (its weights)
-    kind, info = read_checkpoint(args)
-    scenes = resolve_data(args, kind, info)
-    args.data, args.split_seed = scenes.dataset, scenes.seed  # as evaluated, for args.json
-    args.out = args.out or default_out(args, scenes)
-    dataset = C.open_images(scenes, args.cache, args.workers)
-    models = load_models(args, kind, info, device)  # all bad input is refused before the run folder is made
-    check_not_trained_on(scenes, args, kind, info, models["meta"])
-    C.check_run_dir(args.out, "metrics.json", args.overwrite)
+    kind, info, clip_meta = read_checkpoint(args)
+    records = trainings(args, kind, info, clip_meta)
+    specs = data_specs(args, records)
+    plans = [plan_split(name, root, args, kind, records) for name, root in specs]
+    outs = [default_out(args, scenes, len(plans) > 1) for scenes, _ in plans]
+    datasets = [C.open_images(scenes, args.cache, args.workers) for scenes, _ in plans]
+    models = load_models(args, kind, info, device)
+    for out in outs:  # all bad input is refused before any run folder is made
+        C.check_run_dir(out, "metrics.json", args.overwrite)
     if os.path.isdir(args.results):
         raise C.UserError(f"the results log {args.results} is a folder; pass --results FILE")
     C.check_writable(args.results, "the results log", "--results FILE")
-    C.lock_run_dir(session, args.out)
-    session.on_stop = f"{args.out} holds no metrics yet; run the same command again"
-    run_info = C.describe_run(args, device)
-    C.write_json(os.path.join(args.out, "args.json"), run_info)
-    print(f"{scenes.dataset} {args.split} split (seed {scenes.seed}): {len(dataset)} images of "
-          f"{len(scenes.classes)} classes from {scenes.root}; checkpoint: {args.ckpt or 'un-patched ' + args.model}"
-          + C.left_out_note(scenes))
+    for (scenes, case), dataset, out in zip(plans, datasets, outs):
+        evaluate(scenes, case, dataset, out, models, args, kind, info, device, session)
+
+
+def evaluate(scenes, case, dataset, out, models, args, kind, info, device, session):
+    """One data set: embed its images once with each encoder, compute and report the metrics,
+    write OUT/metrics.json and append one line to the results log."""
+    C.lock_run_dir(session, out)
+    session.on_stop = f"{out} holds no metrics yet; run the same command again"
+    run_args = argparse.Namespace(**{**vars(args), "data": [scenes.dataset], "root": scenes.root,
+                                     "split_seed": scenes.seed, "out": out})  # as evaluated, for args.json
+    run_info = C.describe_run(run_args, device)
+    C.write_json(os.path.join(out, "args.json"), run_info)
+    print(f"{scenes.dataset} {scenes.split} split (seed {scenes.seed}): {len(dataset)} images of "
+          f"{len(scenes.classes)} classes from {scenes.root}; checkpoint: {args.ckpt or 'un-patched ' + args.model}; "
+          + ", ".join(f"{encoder}: {what}" for encoder, what in case.items()) + C.left_out_note(scenes))
 
     # ------------------------------------------------------------------ zero-shot head and image encoders
     clip, meta = models["clip"], models["meta"]
-    prompts = meta or {"classnames": scenes.classnames, "templates": scenes.templates}
-    head = C.zeroshot_head(clip, models["tokenizer"], prompts["classnames"], prompts["templates"], device).cpu()
-    used_prompts = {"classnames": list(prompts["classnames"]), "templates": list(prompts["templates"])}
+    head = C.zeroshot_head(clip, models["tokenizer"], scenes.classnames, scenes.templates, device).cpu()
+    used_prompts = {"classnames": list(scenes.classnames), "templates": list(scenes.templates)}
     logit_scale = clip.logit_scale.detach().float().cpu()
     preprocess_cfg = dict(clip.visual.preprocess_cfg)
     pixels = scenes.pixels
@@ -501,7 +587,7 @@ def run(args, session):
 
     # ------------------------------------------------------------------ embeddings (once per encoder)
     bad = {}
-    features, labels, index = embed_split(encoders, dataset, args, device, bad)
+    features, labels, index = embed_split(encoders, dataset, args, device, bad, scenes.split)
     targets = as_targets(labels, len(scenes.classes))
     evaluated = [name for name in features if name != "student_init_ms"]
 
@@ -521,7 +607,7 @@ def run(args, session):
     # ------------------------------------------------------------------ report
     zs, t2i = metrics["zeroshot"], metrics["text_to_image"]
     scalars = [m for m, v in zs["clip_rgb"].items() if not isinstance(v, dict)]
-    print_table(f"zero-shot classification: {scenes.dataset} {args.split}, {len(labels)} images", scalars,
+    print_table(f"zero-shot classification: {scenes.dataset} {scenes.split}, {len(labels)} images", scalars,
                 [(name, [zs[name][m] for m in scalars]) for name in evaluated])
     table = "per_class" if "per_class" in zs["clip_rgb"] else "per_class_ap"  # accuracy, or AP if multi-label
     print_table(f"{table.replace('_', ' ')} (zero-shot)", ["images", *evaluated],
@@ -552,22 +638,24 @@ def run(args, session):
                "pretrained": meta["pretrained"] if meta else args.pretrained,
                "teacher": os.path.abspath(args.teacher) if args.teacher else None,
                "teacher_sha256": info["teacher"]["weights_sha256"] if kind == "student" else None,
-               "data": scenes.dataset, "root": os.path.abspath(scenes.root), "split": args.split,
+               "data": scenes.dataset, "root": os.path.abspath(scenes.root), "split": scenes.split,
                "split_seed": scenes.seed, "n_images": len(labels), "n_classes": len(scenes.classes),
-               "prompts_sha256": C.sha256_of(used_prompts),
-               "skipped_files": len(bad), "out": os.path.abspath(args.out)}
-    C.write_json(os.path.join(args.out, "metrics.json"),
+               "case": case, "prompts_sha256": C.sha256_of(used_prompts),
+               "skipped_files": len(bad), "out": os.path.abspath(out)}
+    C.write_json(os.path.join(out, "metrics.json"),
                  {**setting, "prompts": used_prompts, "metrics": metrics, "warnings": warnings, "skipped": bad,
                   "run": run_info})
-    C.save_modality_gap_pca(args.out, features)  # the data of modality_gap.png (none without a student)
+    C.save_modality_gap_pca(out, features)  # the data of modality_gap.png (none without a student)
     if args.save_embeddings:
-        C.save_torch(os.path.join(args.out, "embeddings.pt"), {
+        C.save_torch(os.path.join(out, "embeddings.pt"), {
             "features": features, "logits": logits, "labels": labels, "index": index,
             "files": [scenes.files[i] for i in index.tolist()], "zeroshot_head": head, "logit_scale": logit_scale})
     time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    C.append_jsonl(args.results, {"time": time, **setting, **flatten(metrics)})
-    print(f"\nwrote {args.out}/metrics.json; appended to {args.results}")
-    C.draw_pictures(args.out, session, draw=not args.no_plots)  # from metrics.json, modality_gap_pca.json
+    C.append_jsonl(args.results, {"time": time, **{k: v for k, v in setting.items() if k != "case"},
+                                  **flatten({"case": case}), **flatten(metrics)})
+    print(f"\nwrote {out}/metrics.json; appended to {args.results}")
+    C.draw_pictures(out, session, draw=not args.no_plots)  # from metrics.json, modality_gap_pca.json
+    print()  # a blank line before the next data set
 
 
 if __name__ == "__main__":

@@ -48,10 +48,10 @@ class Session:
     - Ctrl-C or SIGTERM, at any moment: one line saying what was saved and how to go on
       (`on_stop`, a text or a function, kept up to date by the stage) and exit code 130. Inside `deferred()` (a training
       loop) a signal only sets `stop_requested`: the loop finishes its step and saves last.pt first;
-    - the lock on the run folder (lock_run_dir) is released."""
+    - the locks on run folders (lock_run_dir) are released."""
 
     def __init__(self, debug=False):
-        self.debug, self.stop_requested, self.defer, self.lock = debug, None, False, None
+        self.debug, self.stop_requested, self.defer, self.locks = debug, None, False, []
         self.on_stop = "nothing was written; run the same command again"
 
     def __enter__(self):
@@ -77,9 +77,9 @@ class Session:
     def __exit__(self, kind, error, tb):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-        if self.lock is not None:
-            self.lock.close()  # closing the file releases its flock
-            self.lock = None
+        for lock in self.locks:
+            lock.close()  # closing the file releases its flock
+        self.locks = []
         if kind is UserError and not self.debug:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2)
@@ -197,7 +197,7 @@ def list_class_folders(dataset, root, download=False, suffixes=RGB_SUFFIXES, cla
         fetch(root)
     folder = next((os.path.join(root, s) for s in subfolders if os.path.isdir(os.path.join(root, s))), root)
     if not os.path.isdir(folder):
-        hint = " or pass --download" if fetch else ""
+        hint = f" (01_patch_clip.py --data {dataset} --download fetches it)" if fetch else ""
         raise UserError(f"data folder {folder} does not exist; pass --root DIR{hint}")
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:
@@ -304,7 +304,15 @@ def list_scenes(dataset, root=None, download=False):
     if root is None:
         raise UserError(f"--data {dataset} needs --root DIR, a folder with one sub-folder of images per class")
     listed = entry.lister(dataset, root, download)
-    return Scenes(dataset, modality=entry.modality, templates=entry.templates, **listed)
+    templates = entry.templates if entry.templates is not None else imagenet_prompts()[1]
+    return Scenes(dataset, modality=entry.modality, templates=templates, **listed)
+
+
+def scene_set(dataset, root):
+    """Which scenes a data set's files show, as a name: 'eurosat' for both EuroSAT entries (one
+    set of scenes as jpgs and as tifs), 'bigearthnet' for its 19-, 43- and 5-class entries, a class
+    folder's own path otherwise. A checkpoint trained on one is held to its split on all of them."""
+    return DATA[dataset].scenes or f"{dataset}:{os.path.abspath(root)}"
 
 
 def scene_id(file):
@@ -313,13 +321,18 @@ def scene_id(file):
     return os.path.splitext(file)[0].replace(os.sep, "/")
 
 
+def scene_hash(seed, scene):
+    """A scene's draw for a seed: the first 8 bytes of SHA-256("<seed>/<scene id>"), an integer."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{scene}".encode()).digest()[:8], "big")
+
+
 def hashed_split(ids, seed):
     """The split of each scene from its id and the seed alone: u = the first 8 bytes of
     SHA-256("<seed>/<id>") as a fraction of 2^64, train if u < 0.7, val if u < 0.8, else test
     (SPLIT_FRACTIONS). Adding or removing files never moves another scene; the fractions hold in
     expectation (not exactly per class)."""
     cuts = np.cumsum(list(SPLIT_FRACTIONS.values()))
-    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "big") / 2 ** 64 for i in ids])
+    u = np.array([scene_hash(seed, i) / 2 ** 64 for i in ids])
     return [list(SPLIT_FRACTIONS)[k] for k in np.searchsorted(cuts, u, side="right")]
 
 
@@ -332,9 +345,22 @@ def split_indices(scenes, seed):
 
 
 def load_split(dataset, root, split, seed, download=False):
-    """The scenes of one split ('train', 'val', 'test') of a data set."""
+    """The scenes of one split ('train', 'val', 'test', or 'all' of them) of a data set."""
     scenes = list_scenes(dataset, root, download)
+    if split == "all":
+        return replace(scenes, seed=seed)
     return replace(scenes.subset(split_indices(scenes, seed)[split], split), seed=seed)
+
+
+def per_class_subset(scenes, n, seed):
+    """At most n scenes of each class, the same ones for the same seed whatever else the folders
+    hold: in each class the n with the smallest SHA-256("<seed>/<scene id>") (as hashed_split)."""
+    if scenes.multilabel:
+        raise UserError(f"a per-class subset needs one class per image; {scenes.dataset} is multi-label")
+    rank = {i: scene_hash(seed, scene_id(f)) for i, f in enumerate(scenes.files)}
+    keep = [i for c in np.unique(scenes.labels)
+            for i in sorted(np.flatnonzero(scenes.labels == c).tolist(), key=rank.get)[:n]]
+    return scenes.subset(sorted(keep), scenes.split)
 
 
 def left_out_note(scenes):
@@ -438,6 +464,8 @@ class DataSet:
     pixels: Pixels = None  # 'ms' only: the stored bands and the RGB composite's constant
     official_splits: bool = False  # False: hashed_split of the scene ids
     multilabel: bool = False  # (N, C) 0/1 targets: binary cross-entropy and mean average precision
+    scenes: str = None  # the scenes its files show, shared by entries that are one set of scenes in other
+    #                     bands or classes (EuroSAT's jpgs and tifs); None: the data set's own folder
 
 
 def _folders(**kw):
@@ -448,18 +476,47 @@ def _bigearthnet(n_classes):
     return DataSet("ms", "data/BigEarthNet-v1.0",
                    lambda name, root, download: list_bigearthnet(name, root, download, n_classes),
                    read_bigearthnet, GENERIC_TEMPLATES, Pixels(BIGEARTHNET_BANDS, L2A_RGB_MAX),
-                   official_splits=True, multilabel=True)
+                   official_splits=True, multilabel=True, scenes="bigearthnet")
+
+
+def imagenet_prompts():
+    """ImageNet's class names and the 80 templates of the CLIP paper, as open_clip ships them,
+    keyed by the ILSVRC-2012 synset ids in their standard (sorted) order, which timm ships: the
+    1000 names follow that order, so a folder named by its synset id gets its name."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    from timm.data import ImageNetInfo
+    synsets = ImageNetInfo().label_names()
+    assert len(synsets) == len(IMAGENET_CLASSNAMES) == 1000 and synsets == sorted(synsets)
+    return dict(zip(synsets, IMAGENET_CLASSNAMES)), tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def list_imagenet(dataset, root, download=False):
+    """The ILSVRC-2012 validation set, one folder per synset (n01440764/*.JPEG, ...), as torchvision's
+    ImageFolder reads it; a folder may hold any subset of the 1000 synsets. Its images are the
+    test split of every published ImageNet zero-shot figure, so all of them are 'test'."""
+    names, _ = imagenet_prompts()
+    folder = next((p for p in (os.path.join(root, "val"), root) if os.path.isdir(p)), root)
+    if os.path.isdir(folder):
+        unknown = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and d not in names)
+        if unknown:
+            raise UserError(f"{os.path.join(folder, unknown[0])} is not an ILSVRC-2012 synset folder"
+                            + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else "") + "; --data imagenet "
+                            f"reads the validation set as <root>/<synset id, e.g. n01440764>/<images> (use "
+                            f"--data folder for other class folders)")
+    listed = list_class_folders(dataset, folder, classnames=names)
+    return {**listed, "official_split": ["test"] * len(listed["files"])}
 
 
 DATA = {
     "eurosat": DataSet("rgb", "data/eurosat", _folders(classnames=EUROSAT_CLASSNAMES, fetch=download_eurosat,
                                                        subfolders=(os.path.join("eurosat", "2750"), "2750")),
-                       read_rgb, EUROSAT_TEMPLATES),
+                       read_rgb, EUROSAT_TEMPLATES, scenes="eurosat"),
     "eurosat_ms": DataSet("ms", "data/EuroSAT_MS", _folders(classnames=EUROSAT_CLASSNAMES, suffixes=TIF_SUFFIXES),
-                          read_s2_tif, EUROSAT_TEMPLATES, Pixels((S2_BANDS,), L1C_RGB_MAX)),
+                          read_s2_tif, EUROSAT_TEMPLATES, Pixels((S2_BANDS,), L1C_RGB_MAX), scenes="eurosat"),
     "resisc45": DataSet("rgb", "data/NWPU-RESISC45", _folders(classnames=lambda c: c.replace("_", " ")),
-                        read_rgb, RESISC45_TEMPLATES),
+                        read_rgb, RESISC45_TEMPLATES, scenes="resisc45"),
     "folder": DataSet("rgb", None, _folders(), read_rgb, GENERIC_TEMPLATES),
+    "imagenet": DataSet("rgb", None, list_imagenet, read_rgb, None, official_splits=True),  # templates: open_clip's
     "bigearthnet19": _bigearthnet(19),
     "bigearthnet43": _bigearthnet(43),
     "bigearthnet5": _bigearthnet(5),
@@ -945,6 +1002,23 @@ def with_prompts(scenes, path):
     return scenes
 
 
+def trained_scenes(record):
+    """The scene set (scene_set) a patched.json or student record was trained on."""
+    return record.get("scenes") or scene_set(record["dataset"], record.get("root") or DATA[record["dataset"]].root or "")
+
+
+def head_prompts(scenes, meta=None, path=None):
+    """The scenes with the prompts their zero-shot head is built from: a --prompts file when one is
+    given; else the prompts a patched CLIP (meta: its patched.json) was patched with, when these
+    are its scenes and classes; else the data set's own class names and templates."""
+    if path:
+        return with_prompts(scenes, path)
+    if meta and trained_scenes(meta) == scene_set(scenes.dataset, scenes.root) and \
+            list(meta["classes"]) == list(scenes.classes):
+        return replace(scenes, classnames=list(meta["classnames"]), templates=tuple(meta["templates"]))
+    return scenes
+
+
 @torch.no_grad()
 def zeroshot_head(model, tokenizer, classnames, templates, device):
     """The zero-shot head W (embed_dim, classes): for each class c,
@@ -1017,14 +1091,17 @@ class Student(torch.nn.Module):
         return self.proj(self.backbone(x))
 
 
-def student_record(student, arch, teacher_meta, teacher_path, dataset):
-    """Everything stage 3 needs to rebuild a student and find its teacher (weights_only-safe)."""
+def student_record(student, arch, teacher_meta, teacher_path, scenes):
+    """Everything stage 3 needs to rebuild a student, find its teacher and know which scenes and
+    prompts it was aligned with (weights_only-safe)."""
     return {"kind": "rsclip-align/student", "arch": arch, "bands": list(S2_BANDS),
             "in_chans": len(S2_BANDS), "input_size": student.input_size, "embed_dim": student.proj.out_features,
             "normalisation": {"reflectance_scale": REFLECTANCE_SCALE, "clip": [0.0, 1.0]},
             "teacher": {"path": os.path.abspath(teacher_path), "model": teacher_meta["model"],
                         "weights_sha256": teacher_meta["weights_sha256"]},
-            "dataset": dataset, "classes": teacher_meta["classes"], "split_seed": teacher_meta["split_seed"],
+            "dataset": scenes.dataset, "root": os.path.abspath(scenes.root),
+            "scenes": scene_set(scenes.dataset, scenes.root), "split_seed": scenes.seed, "classes": scenes.classes,
+            "classnames": list(scenes.classnames), "templates": list(scenes.templates),
             "state_dict": student.state_dict()}
 
 
@@ -1070,12 +1147,6 @@ def load_teacher(path, device, flag="--teacher"):
                         f"re-run 01_patch_clip.py")
     model, tokenizer, _ = load_clip("local-dir:" + folder, None, device)
     return model.eval(), meta, tokenizer
-
-
-def check_classes(meta_classes, scenes, ckpt):
-    if list(meta_classes) != list(scenes.classes):
-        raise UserError(f"{ckpt} was made for classes {list(meta_classes)}, but {scenes.root} has "
-                        f"{scenes.classes}; pass --data/--root of the data set the checkpoint was trained on")
 
 
 # ============================================================================ run folders
@@ -1193,7 +1264,7 @@ def lock_run_dir(session, out, resume=False, stale=("last.pt", "log.jsonl")):
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}\n")
     lock.flush()
-    session.lock = lock
+    session.locks.append(lock)
     if not resume:
         for name in stale:
             if os.path.exists(os.path.join(out, name)):

@@ -50,6 +50,7 @@ def tiny_clip_config(tmp_path_factory):
         json.dump({**TINY_CONFIG, "quick_gelu": True}, f)
     open_clip.add_model_config(str(folder / f"{TINY_CLIP}-quickgelu.json"))
     torch.set_num_threads(2)
+    os.chdir(tmp_path_factory.mktemp("cwd"))  # default outputs (runs/results.jsonl, ...) stay out of the repository
     return TINY_CLIP
 
 

@@ -289,13 +289,6 @@ def test_student_whose_teacher_cannot_be_found(patched_run, student_run, tmp_pat
     assert not os.path.exists(tmp_path / "eval")  # refused before anything is written
 
 
-def test_data_with_other_classes(patched_run, tmp_path, capsys):
-    root = make_eurosat_ms(tmp_path / "three", per_class=5, classes=["Forest", "River", "SeaLake"])
-    expect_user_error(capsys, ["--ckpt", patched_run["ckpt"], "--root", root, "--out", str(tmp_path / "eval")],
-                      "classes", root)
-    assert not os.path.exists(tmp_path / "eval")
-
-
 @pytest.mark.parametrize("flags, phrase", [
     (["--split-seed", "1"], "--split-seed"),
     (["--model", "ViT-B-32"], "--model"),

@@ -70,5 +70,6 @@ def test_stage3_writes_every_metric_for_the_real_test_split(real_runs):
     assert set(gap) == {"before", "after"}
     assert gap["after"]["true_pair_cosine"] > gap["before"]["true_pair_cosine"]
     (row,) = [json.loads(line) for line in open(real_runs["results"])]
-    numbers = {k: v for k, v in row.items() if "/" in k}
+    assert row["case/clip_rgb"] == row["case/student_ms"] == "trained on"
+    numbers = {k: v for k, v in row.items() if "/" in k and not k.startswith("case/")}
     assert len(numbers) > 40 and all(isinstance(v, float) and math.isfinite(v) for v in numbers.values()), numbers

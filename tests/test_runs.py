@@ -6,10 +6,12 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import TINY_CLIP, TINY_STUDENT, load_stage, make_eurosat_ms
+from conftest import ROOT, TINY_CLIP, TINY_STUDENT, load_stage, make_eurosat_ms
 
 import common as C
 
@@ -195,3 +197,12 @@ def test_output_has_one_compact_start_line_and_no_progress_frames(tmp_path, caps
     assert len(start) == 1 and "run folder" in start[0] and "args.json" in start[0]
     assert not re.search(r"^\s+lr: ", captured.out, re.M)  # no argument dump
     assert re.search(r"^epoch 0: train loss \d", captured.out, re.M)  # a per-epoch line, as stage 2 prints
+
+
+@pytest.mark.parametrize("script", ["01_patch_clip.py", "02_align_s2.py", "03_eval.py"])
+def test_help_answers_before_torch_is_imported(script):
+    """--help parses the flags before the heavy imports: no torch, a fraction of a second."""
+    done = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, script), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--data" in done.stdout and "default" in done.stdout
+    assert not re.search(r"\|\s+torch\s*$", done.stderr, re.M), "torch was imported before --help answered"

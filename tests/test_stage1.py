@@ -286,7 +286,8 @@ def test_empty_class_folder(tmp_path, capsys):
 def test_unknown_data(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         stage.main(tiny_patch_args(tmp_path, tmp_path / "out", "sentinel3"))
-    assert e.value.code == 2 and "--data" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown --data 'sentinel3'" in err and "eurosat_ms" in err
 
 
 def test_corrupt_jpg_is_named(tmp_path, capsys):

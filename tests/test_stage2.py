@@ -211,11 +211,17 @@ def test_teacher_that_is_not_a_stage1_output_is_refused(tmp_path, patched_run, c
     expect_error(capsys, args, "missing.pt", "--teacher")
 
 
-def test_classes_that_differ_from_the_teacher_are_refused(tmp_path, patched_run, capsys):
+def test_classes_other_than_the_teachers_get_the_data_sets_own_prompts(tmp_path, patched_run):
+    """A student can be aligned on other classes than the teacher was patched on: the CE term's head
+    is the teacher's text tower on those classes' prompts, and the record says which."""
     root = make_eurosat_ms(tmp_path / "ms", per_class=3, classes=["Forest", "River", "SeaLake"])
     args = align_args(patched_run, tmp_path / "out", epochs=1)
     args[args.index("--root") + 1] = root
-    expect_error(capsys, args, patched_run["ckpt"], "classes", "Forest")
+    align.main(args)
+    record = torch.load(tmp_path / "out" / "student.pt", weights_only=True)
+    assert record["classes"] == ["Forest", "River", "SeaLake"] and record["dataset"] == "eurosat_ms"
+    assert record["classnames"] == ["forest", "river", "lake or sea"]
+    assert record["templates"] == list(C.EUROSAT_TEMPLATES) and record["scenes"] == "eurosat"
 
 
 def test_nan_loss_stops_and_keeps_the_finished_student(aligned, patched_run, tmp_path, capsys, monkeypatch):
@@ -254,3 +260,10 @@ def test_a_failed_overwrite_leaves_the_finished_run_as_it_was(aligned, patched_r
     expect_error(capsys, align_args(patched_run, out, "--overwrite", "--seed", "7",
                                     "--student-weights", str(tmp_path / "missing.pth")), "missing.pth")
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
+
+
+def test_rgb_data_set_is_refused(tmp_path, patched_run, rgb_root, capsys):
+    args = align_args(patched_run, tmp_path / "out", epochs=1)
+    args[args.index("--root") + 1] = rgb_root
+    expect_error(capsys, [*args, "--data", "eurosat"], "Sentinel-2", "--data eurosat_ms")
+    assert not os.path.exists(tmp_path / "out")

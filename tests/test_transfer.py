@@ -1,12 +1,18 @@
-"""Transfer: the paper's table from a results log (--summary), the loss ablation (--mse-weight),
-the official recall cut-offs."""
+"""Transfer: any model on any data set (held-out rule, several data sets, ImageNet, prompts files),
+the paper's table from a results log (--summary), the loss ablation (--mse-weight), the official
+recall cut-offs."""
 import csv
 import io
+import json
+import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_stage
+from conftest import (TINY_CLIP, TINY_STUDENT, load_stage, make_bigearthnet_patch, make_eurosat_ms, official_names,
+                      tiny_patch_args)
+from PIL import Image
 
 import common as C
 
@@ -87,7 +93,6 @@ def test_loss_ablation_weights():
 
 
 def test_recall_at_the_official_cut_offs():
-    import numpy as np
     torch.manual_seed(0)
     rgb = torch.randn(80, 16)
     ms = rgb + 2.0 * torch.randn(80, 16)
@@ -100,3 +105,214 @@ def test_recall_at_the_official_cut_offs():
     for k in (1, 5, 10, 20, 50):
         assert metrics["ms_to_rgb"][f"recall@{k}"] == pytest.approx(np.mean(ranks < k))
     assert 0 < metrics["ms_to_rgb"]["recall@1"] < metrics["ms_to_rgb"]["recall@50"] < 1
+
+
+# ============================================================================ any model on any data set
+
+
+
+def run_eval(tmp_path, *flags, out="eval"):
+    """Stage 3 in-process; returns the results log's rows."""
+    results = tmp_path / "results.jsonl"
+    evaluate.main([*flags, "--workers", "0", "--out", str(tmp_path / out), "--results", str(results)])
+    return [json.loads(x) for x in open(results)]
+
+
+def user_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*argv, "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def open_clip_head(model_folder, classnames, templates):
+    """The zero-shot head as one would write it with open_clip alone."""
+    import open_clip
+    model, _, _ = open_clip.create_model_and_transforms("local-dir:" + model_folder)
+    tokenizer = open_clip.get_tokenizer("local-dir:" + model_folder)
+    model.eval()
+    with torch.no_grad():
+        columns = [F.normalize(F.normalize(model.encode_text(tokenizer([t.format(c) for t in templates])), dim=-1)
+                               .mean(0), dim=0) for c in classnames]
+    return torch.stack(columns, dim=1)
+
+
+def make_folder(root, classes, per_class=3, size=40):
+    """A class-folder RGB data set of other classes than the patched CLIP's."""
+    rng = np.random.default_rng(1)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for n in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3)).astype(np.uint8)).save(root / c / f"{n}.png")
+    return str(root)
+
+
+def test_patched_clip_on_a_data_set_with_other_classes(patched_run, tmp_path):
+    root = make_folder(tmp_path / "other", ["airplane", "beach_sand", "forest"])
+    (row,) = run_eval(tmp_path, "--ckpt", patched_run["ckpt"], "--data", "folder", "--root", root, "--split", "all",
+                      "--save-embeddings")
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert metrics["case"] == {"clip_rgb": "transfer"} and row["case/clip_rgb"] == "transfer"
+    assert metrics["split"] == "all" and metrics["n_images"] == 9
+    assert metrics["prompts"] == {"classnames": ["airplane", "beach sand", "forest"],
+                                  "templates": list(C.GENERIC_TEMPLATES)}
+    saved = torch.load(tmp_path / "eval" / "embeddings.pt", weights_only=True)
+    head = open_clip_head(patched_run["ckpt"], ["airplane", "beach sand", "forest"], C.GENERIC_TEMPLATES)
+    torch.testing.assert_close(saved["zeroshot_head"], head, atol=1e-5, rtol=0)
+    logits = saved["logit_scale"].exp() * F.normalize(saved["features"]["clip_rgb"], dim=-1) @ head
+    assert metrics["metrics"]["zeroshot"]["clip_rgb"]["acc1"] == pytest.approx(
+        (logits.argmax(1) == saved["labels"]).float().mean().item())
+
+
+def test_own_scenes_other_classes_keep_the_held_out_split(patched_run, tmp_path):
+    """EuroSAT tifs with three of the ten classes are still the patched CLIP's scenes: trained on,
+    its test split and seed, the data set's own prompts for those classes."""
+    root = make_eurosat_ms(tmp_path / "three", per_class=6, classes=["Forest", "River", "SeaLake"])
+    (row,) = run_eval(tmp_path, "--ckpt", patched_run["ckpt"], "--root", root)
+    assert row["case/clip_rgb"] == "trained on" and row["split"] == "test" and row["n_classes"] == 3
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert metrics["prompts"]["classnames"] == [C.EUROSAT_CLASSNAMES[c] for c in ["Forest", "River", "SeaLake"]]
+
+
+def test_split_all_is_refused_on_the_scenes_a_model_trained_on(patched_run, tmp_path, capsys):
+    line = user_error(capsys, ["--ckpt", patched_run["ckpt"], "--root", patched_run["root"], "--split", "all",
+                               "--out", str(tmp_path / "eval")])
+    assert "--split test" in line and not os.path.exists(tmp_path / "eval")
+
+
+@pytest.fixture(scope="module")
+def student_run(patched_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align_transfer") / "run"
+    align.main(["--teacher", patched_run["ckpt"], "--root", patched_run["root"], *TINY_STUDENT, "--epochs", "1",
+                "--batch-size", "16", "--workers", "0", "--out", str(out)])
+    return {"out": str(out), "ckpt": str(out / "student.pt")}
+
+
+def make_ben(root, n=4):
+    """Generated patches in the BigEarthNet-S2 v1.0 layout, on the official test list."""
+    labels = [["Coniferous forest"], ["Sea and ocean"], ["Coniferous forest", "Pastures"], ["Pastures"]]
+    for i, name in enumerate(official_names("test", n)):
+        make_bigearthnet_patch(root, name, labels[i % len(labels)], seed=i)
+    return str(root)
+
+
+def test_student_and_several_data_sets_in_one_run(patched_run, student_run, tmp_path, monkeypatch):
+    """A student aligned on EuroSAT MS, evaluated on BigEarthNet-19 (transfer) and its own EuroSAT
+    (trained on) in one run: each data set embedded once, one results line and run folder each."""
+    ben = make_ben(tmp_path / "ben")
+    calls = []
+    embed = C.embed
+    monkeypatch.setattr(C, "embed", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    rows = run_eval(tmp_path, "--ckpt", student_run["ckpt"], "--data", f"bigearthnet19={ben}",
+                    f"eurosat_ms={patched_run['root']}")
+    assert len(calls) == 2 and [r["data"] for r in rows] == ["bigearthnet19", "eurosat_ms"]
+    assert rows[0]["case/student_ms"] == "transfer" and rows[0]["case/clip_rgb"] == "transfer"
+    assert rows[1]["case/student_ms"] == "trained on" and rows[1]["case/clip_rgb"] == "trained on"
+    assert rows[0]["n_images"] == 4 and "zeroshot/student_ms/mean_average_precision" in rows[0]
+    for row in rows:
+        assert os.path.isfile(os.path.join(tmp_path, "eval", f"{row['data']}-test", "metrics.json"))
+    # the transfer data set's own prompts, the teacher's text tower
+    metrics = json.load(open(tmp_path / "eval" / "bigearthnet19-test" / "metrics.json"))
+    assert metrics["prompts"]["classnames"][0] == C.bigearthnet_nomenclature()["labels19"][0].lower()
+
+
+@pytest.mark.parametrize("data, phrase", [
+    (["eurosat_ms="], "names no folder"), (["nosuch"], "unknown --data 'nosuch'"),
+    (["eurosat_ms=a", "eurosat=b", "--root", "c"], "--root is for a single"),
+    (["eurosat_ms=a", "eurosat_ms=b"], "twice"),
+])
+def test_data_syntax_errors(patched_run, tmp_path, capsys, data, phrase):
+    line = user_error(capsys, ["--ckpt", patched_run["ckpt"], "--out", str(tmp_path / "eval"), "--data", *data])
+    assert phrase in line and not os.path.exists(tmp_path / "eval")
+
+
+# ============================================================================ ImageNet
+
+
+def make_imagenet(root, synsets):
+    for synset in synsets:  # created in the order given, not sorted
+        os.makedirs(root / synset)
+        Image.fromarray(np.full((40, 40, 3), len(synset) * 3 % 255, np.uint8)).save(root / synset / "a.JPEG")
+        Image.fromarray(np.full((40, 40, 3), 9, np.uint8)).save(root / synset / "b.JPEG")
+    return str(root)
+
+
+def test_imagenet_folders_get_their_names_through_the_synset_ids(tmp_path, capsys):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    root = make_imagenet(tmp_path / "val", ["n15075141", "n01443537", "n01440764"])  # shuffled
+    scenes = C.list_scenes("imagenet", str(tmp_path))  # root or root/val
+    assert scenes.classes == ["n01440764", "n01443537", "n15075141"]
+    assert scenes.classnames == [IMAGENET_CLASSNAMES[0], IMAGENET_CLASSNAMES[1], IMAGENET_CLASSNAMES[999]]
+    assert scenes.classnames[:2] == ["tench", "goldfish"] and len(scenes.templates) == 80
+    assert C.load_split("imagenet", root, "test", 0).files == scenes.files  # all of it is the test split
+    os.makedirs(tmp_path / "val" / "n99999999")
+    line = user_error(capsys, ["--model", TINY_CLIP, "--pretrained", "none", "--data", f"imagenet={root}",
+                               "--out", str(tmp_path / "eval")])
+    assert "n99999999" in line and "synset" in line and not os.path.exists(tmp_path / "eval")
+
+
+def test_control_subset_is_fixed_by_the_seed(tmp_path):
+    root = make_imagenet(tmp_path / "val", ["n01440764", "n01443537"])
+    for synset in ("n01440764", "n01443537"):
+        for n in range(6):
+            Image.fromarray(np.full((8, 8, 3), n, np.uint8)).save(tmp_path / "val" / synset / f"x{n}.JPEG")
+    scenes = C.list_scenes("imagenet", root)
+    pick = C.per_class_subset(scenes, 3, seed=0)
+    assert len(pick.files) == 6 and sorted(set(pick.labels.tolist())) == [0, 1]
+    assert C.per_class_subset(scenes, 3, seed=0).files == pick.files
+    assert C.per_class_subset(scenes, 3, seed=1).files != pick.files
+    os.remove(tmp_path / "val" / "n01440764" / next(f for f in os.listdir(tmp_path / "val" / "n01440764")
+                                                    if "n01440764/" + f not in pick.files))
+    assert C.per_class_subset(C.list_scenes("imagenet", root), 3, seed=0).files == pick.files  # others never move
+
+
+def test_stage1_with_imagenet_as_control(ms_root, tmp_path):
+    control = make_imagenet(tmp_path / "imagenet", ["n01443537", "n01440764", "n01484850"])
+    load_stage("01_patch_clip.py").main(tiny_patch_args(ms_root, tmp_path / "patch", "eurosat_ms", "--epochs", "1",
+                                                   "--control", "imagenet", "--control-root", control,
+                                                   "--control-per-class", "1"))
+    metrics = json.load(open(tmp_path / "patch" / "metrics.json"))
+    assert metrics["control"]["dataset"] == "imagenet" and metrics["control"]["n_images"] == 3
+    assert metrics["control"]["split"] == "test" and all("control_acc" in r for r in metrics["alphas"])
+
+
+# ============================================================================ prompts as data
+
+
+def test_prompts_file_changes_the_head_and_is_recorded(patched_run, tmp_path):
+    prompts = {"classnames": {c: f"{c.lower()} seen from orbit" for c in C.EUROSAT_CLASSNAMES},
+               "templates": ["an image of {}.", "{}"]}
+    with open(tmp_path / "prompts.json", "w") as f:
+        json.dump(prompts, f)
+    (row,) = run_eval(tmp_path, "--ckpt", patched_run["ckpt"], "--root", patched_run["root"], "--prompts",
+                      str(tmp_path / "prompts.json"), "--save-embeddings")
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    names = [prompts["classnames"][c] for c in sorted(C.EUROSAT_CLASSNAMES)]
+    assert metrics["prompts"] == {"classnames": names, "templates": prompts["templates"]}
+    saved = torch.load(tmp_path / "eval" / "embeddings.pt", weights_only=True)
+    torch.testing.assert_close(saved["zeroshot_head"], open_clip_head(patched_run["ckpt"], names, prompts["templates"]),
+                               atol=1e-5, rtol=0)
+    assert row["prompts_sha256"] == C.sha256_of(metrics["prompts"])
+
+
+@pytest.mark.parametrize("content, phrase", [
+    ('{"classnames": {"Forest": "forest"}}', "no class name for 'AnnualCrop'"), ("not json", "not a JSON object"),
+])
+def test_bad_prompts_file(patched_run, tmp_path, capsys, content, phrase):
+    (tmp_path / "p.json").write_text(content)
+    line = user_error(capsys, ["--ckpt", patched_run["ckpt"], "--root", patched_run["root"], "--prompts",
+                               str(tmp_path / "p.json"), "--out", str(tmp_path / "eval")])
+    assert phrase in line and str(tmp_path / "p.json") in line and not os.path.exists(tmp_path / "eval")
+
+
+def test_stage1_and_stage2_record_the_prompts_file(ms_root, tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"templates": ["a multispectral image of {}."]}))
+    load_stage("01_patch_clip.py").main(tiny_patch_args(ms_root, tmp_path / "patch", "eurosat_ms", "--epochs", "1",
+                                                   "--prompts", str(tmp_path / "p.json")))
+    meta = json.load(open(tmp_path / "patch" / "patched.json"))
+    assert meta["templates"] == ["a multispectral image of {}."]
+    align.main(["--teacher", str(tmp_path / "patch"), "--root", ms_root, *TINY_STUDENT, "--epochs", "1",
+                "--batch-size", "16", "--workers", "0", "--out", str(tmp_path / "align")])
+    record = torch.load(tmp_path / "align" / "student.pt", weights_only=True)
+    assert record["templates"] == meta["templates"]  # the teacher's prompts on its own scenes
