@@ -18,7 +18,8 @@ train_scenes.txt (the scenes it trained on, which stage 3 checks) and the patche
 open_clip's own folder format: open_clip_config.json (model config and preprocessing) and
 open_clip_model.safetensors, so that open_clip.create_model_and_transforms("local-dir:OUT")
 rebuilds it; patched.json (alpha, classes, prompts, split, weights hash) is written last and marks
-the run as finished. Stages 2 and 3 take OUT as --teacher / --ckpt.
+the run as finished. Stages 2 and 3 take OUT as --teacher / --ckpt. Last, alpha.png (the alpha
+sweep and the training loss) is drawn from metrics.json (--no-plots: not).
 """
 import argparse
 import copy
@@ -73,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable images, count them")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--no-plots", action="store_true",
+                   help="do not draw the run's pictures (default: draw them when matplotlib is installed)")
     return p.parse_args(argv)
 
 
@@ -298,6 +301,7 @@ def run(args, argv, session):
     if bad:
         print(f"skipped {len(bad)} unreadable files (listed in metrics.json)")
     print(f"wrote {args.out}: patched CLIP (alpha {chosen}); open_clip loads it as \"local-dir:{args.out}\"")
+    C.draw_pictures(args.out, session, draw=not args.no_plots)  # alpha.png, from metrics.json
 
 
 if __name__ == "__main__":

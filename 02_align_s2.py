@@ -19,7 +19,8 @@ cached (teacher_embeddings).
 Writes OUT/args.json, log.jsonl, metrics.json, student_init.pt (the student before training,
 for stage 3's modality gap "before") and student.pt (weights, architecture, input size,
 normalisation, embedding size, the teacher's path and weights hash, the data set, its prompts and
-the training scenes).
+the training scenes); last, training.png (the losses and the validation metric per epoch) from
+metrics.json (--no-plots: not).
 """
 import argparse
 import os
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable tifs, count them")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--no-plots", action="store_true",
+                   help="do not draw the run's pictures (default: draw them when matplotlib is installed)")
     return p.parse_args(argv)
 
 
@@ -310,6 +313,7 @@ def run(args, argv, session):
     if bad:
         print(f"skipped {len(bad)} unreadable files (listed in metrics.json)")
     print(f"wrote {args.out}/student.pt")
+    C.draw_pictures(args.out, session, draw=not args.no_plots)  # training.png, from metrics.json
     return {"student": student, "teacher": teacher, "head": head, "metrics": progress["history"]}
 
 

@@ -24,7 +24,9 @@ and for a student, with its teacher CLIP:
   the mean cosine of true vs random pairs; before (OUT/student_init.pt, when stage 2 saved it)
   and after alignment.
 Every image is read once and embedded once by each encoder. Writes OUT/args.json, OUT/metrics.json
-(and OUT/embeddings.pt with --save-embeddings) and appends one JSON line to --results.
+(and OUT/embeddings.pt with --save-embeddings) and appends one JSON line to --results; for a
+student also OUT/modality_gap_pca.json (the gap's 2-D picture as numbers). Last, drawn from those
+JSON files: confusion.png (per_class_ap.png for multi-label data) and modality_gap.png.
 """
 import argparse
 import datetime
@@ -75,8 +77,15 @@ def parse_args(argv=None):
                         "per data set, top-1 (mAP for multi-label) and the gain over the un-patched CLIP "
                         "(default log: runs/results.jsonl)")
     p.add_argument("--summary-format", default="md", choices=("md", "csv"), help="markdown or csv (default: md)")
+    p.add_argument("--summary-plot", default=None, metavar="FILE", help="with --summary: also draw the table as "
+                   "grouped bars into FILE, a .png (needs matplotlib) (default: none)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    return p.parse_args(argv)
+    p.add_argument("--no-plots", action="store_true", help="do not draw modality_gap.png and confusion.png "
+                   "(per_class_ap.png) (default: draw them when matplotlib is installed)")
+    args = p.parse_args(argv)
+    if args.summary_plot and not args.summary:
+        p.error("--summary-plot draws the table of --summary; pass --summary too")
+    return args
 
 
 if __name__ == "__main__":
@@ -104,6 +113,12 @@ def per_class_recall(pred, labels, n_classes):
     hits = torch.bincount(labels[pred == labels], minlength=n_classes).double()
     counts = torch.bincount(labels, minlength=n_classes).double()
     return hits / counts  # 0/0 = NaN
+
+
+def confusion_matrix(pred, labels, n_classes):
+    """Confusion matrix (sklearn's confusion_matrix): counts[i, j] = images of class i predicted as
+    class j; rows are true classes, columns predicted ones."""
+    return torch.bincount(labels * n_classes + pred, minlength=n_classes ** 2).reshape(n_classes, n_classes)
 
 
 def balanced_accuracy(pred, labels, n_classes):
@@ -171,14 +186,17 @@ def as_targets(labels, n_classes):
 
 
 def zeroshot_metrics(logits, labels, classes):
-    """Zero-shot classification metrics of one encoder, as CLIP_benchmark reports them."""
+    """Zero-shot classification metrics of one encoder, as CLIP_benchmark reports them, and for
+    single-label data the confusion matrix (its classes in order; drawn as confusion.png)."""
     if labels.ndim == 2:
         mean_ap, aps = C.mean_average_precision(logits, labels)
         return {"mean_average_precision": mean_ap, "per_class_ap": dict(zip(classes, aps.tolist()))}
     pred = logits.argmax(dim=1)
     return {"acc1": topk_accuracy(logits, labels, 1), "acc5": topk_accuracy(logits, labels, 5),
             "mean_per_class_recall": balanced_accuracy(pred, labels, len(classes)),
-            "per_class": dict(zip(classes, per_class_recall(pred, labels, len(classes)).tolist()))}
+            "per_class": dict(zip(classes, per_class_recall(pred, labels, len(classes)).tolist())),
+            "confusion_matrix": {"classes": list(classes),
+                                 "counts": confusion_matrix(pred, labels, len(classes)).tolist()}}
 
 
 def text_to_image(head, features, targets, classes):
@@ -404,9 +422,12 @@ def clean(obj):
 
 
 def flatten(obj, prefix=""):
-    """{'a': {'b': 1}} -> {'a/b': 1}: one column per metric in the results log."""
+    """{'a': {'b': 1}} -> {'a/b': 1}: one column per metric in the results log. Lists (a confusion
+    matrix and its classes) are not metrics: they stay in metrics.json."""
     out = {}
     for k, v in obj.items():
+        if isinstance(v, list):
+            continue
         out.update(flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
@@ -444,8 +465,9 @@ def summary_rows(lines):
     return table
 
 
-def summary_table(table, fmt="md"):
-    """Text of summary_rows(): markdown (pastes into a README) or csv."""
+def summary_layout(table):
+    """The rows and columns of summary_rows() as the table shows them: (rows in order, their names,
+    columns in order, their labels)."""
     def row_name(row):
         kind, rest = row[0], row[1:]
         if kind == "baseline":
@@ -463,8 +485,14 @@ def summary_table(table, fmt="md"):
             label += f" [prompts {(prompts or 'unknown')[:8]}]"
         labels.append(label)
     order = sorted(table, key=lambda r: (["baseline", "patched", "student"].index(r[0]), row_name(r)))
+    return order, [row_name(r) for r in order], columns, labels
+
+
+def summary_table(table, fmt="md"):
+    """Text of summary_rows(): markdown (pastes into a README) or csv."""
+    order, names, columns, labels = summary_layout(table)
     cell = lambda v: "" if v is None else f"{v[0]:.2f}" + ("" if v[1] is None else f" ({v[1]:+.2f})")  # noqa: E731
-    rows = [[row_name(r)] + [cell(table[r].get(c)) for c in columns] for r in order]
+    rows = [[name] + [cell(table[r].get(c)) for c in columns] for r, name in zip(order, names)]
     if fmt == "csv":
         import csv
         import io
@@ -475,8 +503,12 @@ def summary_table(table, fmt="md"):
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def summary(path, fmt):
-    """--summary: the results log as the paper's table."""
+def summary(path, fmt, plot=None):
+    """--summary: the results log as the paper's table; with --summary-plot FILE also as grouped bars."""
+    if plot:  # checked before anything is printed
+        if not C.have_matplotlib():
+            raise C.UserError(f"--summary-plot {plot} needs matplotlib; pip install matplotlib, or drop --summary-plot")
+        C.check_writable(plot, "the picture", "--summary-plot FILE")
     if not os.path.isfile(path):
         raise C.UserError(f"no results log {path}; run 03_eval.py first, or pass --summary FILE")
     try:
@@ -490,6 +522,11 @@ def summary(path, fmt):
     if fmt == "md":
         print("\ntop-1 accuracy (mAP for multi-label data) in %; in brackets the gain over the un-patched CLIP of "
               "the same model and tag in the same column")
+    if plot:
+        order, names, columns, labels = summary_layout(table)
+        C.plot_summary(plot, names, labels, [[table[r].get(c, (None,))[0] for c in columns] for r in order])
+        if fmt == "md":  # csv goes to stdout as it is
+            print(f"wrote {plot}")
 
 
 # ============================================================================ main
@@ -499,7 +536,7 @@ def main(argv=None):
     args = parse_args(argv)
     with C.Session(args.debug) as session:
         if args.summary:
-            return summary(args.summary, args.summary_format)
+            return summary(args.summary, args.summary_format, args.summary_plot)
         run(args, session)
 
 
@@ -608,6 +645,7 @@ def evaluate(scenes, case, dataset, out, models, args, kind, info, device, sessi
     C.write_json(os.path.join(out, "metrics.json"),
                  {**setting, "prompts": used_prompts, "metrics": metrics, "warnings": warnings, "skipped": bad,
                   "run": run_info})
+    C.save_modality_gap_pca(out, features)  # the data of modality_gap.png (none without a student)
     if args.save_embeddings:
         C.save_torch(os.path.join(out, "embeddings.pt"), {
             "features": features, "logits": logits, "labels": labels, "index": index,
@@ -615,7 +653,9 @@ def evaluate(scenes, case, dataset, out, models, args, kind, info, device, sessi
     time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     C.append_jsonl(args.results, {"time": time, **{k: v for k, v in setting.items() if k != "case"},
                                   **flatten({"case": case}), **flatten(metrics)})
-    print(f"\nwrote {out}/metrics.json; appended to {args.results}\n")
+    print(f"\nwrote {out}/metrics.json; appended to {args.results}")
+    C.draw_pictures(out, session, draw=not args.no_plots)  # from metrics.json, modality_gap_pca.json
+    print()  # a blank line before the next data set
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Sections, in the order the data flows:
   transforms    the RGB composite and the per-modality device-side preprocessing
   models        open_clip loading, the zero-shot head and its logits
   run folders   atomic writes, run metadata, resumable training state, stop signals
+  plots         the pictures of a run, drawn from the JSON it wrote (matplotlib, optional)
 """
 import contextlib
 import hashlib
@@ -1386,3 +1387,331 @@ def check_finite(loss, step, out):
         kept = f"the last good checkpoint {out}/last.pt is kept" if os.path.exists(
             os.path.join(out, "last.pt")) else "no checkpoint was written yet"
         raise UserError(f"loss became {loss.item()} at step {step}; {kept}; lower --lr or check the data")
+
+
+# ============================================================================ plots
+#
+# The pictures of a run, drawn only from the JSON files the run wrote (metrics.json; stage 3's
+# modality_gap_pca.json too) and written next to them, so that anyone can redraw or restyle them:
+#     python -c "import common; common.plot_run('runs/patch')"
+# matplotlib is optional (not in requirements.txt) and is imported only in here. Its Figure class
+# draws PNGs without pyplot, so no backend or other global state is set. Each picture has a fixed
+# size (FIGURE_INCHES at PLOT_DPI; no tight bounding box); colours are tab10, colour-blind safe.
+
+PLOT_DPI = 100  # pixels per inch
+FIGURE_INCHES = {"alpha.png": (8.0, 3.8), "training.png": (9.0, 3.0), "modality_gap.png": (9.0, 4.6),
+                 "confusion.png": (9.0, 5.0), "per_class_ap.png": (8.0, 6.0), "summary.png": (8.0, 4.0)}
+PICTURES = ("alpha.png", "training.png", "modality_gap.png", "confusion.png", "per_class_ap.png")  # of a run
+PCA_JSON = "modality_gap_pca.json"
+PCA_MAX_SCENES = 2000  # scenes projected and stored for modality_gap.png, evenly spaced over the split
+PAIRS_DRAWN = 12  # true pairs joined by a line in modality_gap.png
+ENCODER_NAMES = {"clip_rgb": "CLIP on RGB", "student_ms": "student on 13-band MS"}
+METRIC_LABELS = {"acc": "top-1 accuracy (%)", "map": "mAP (%)"}
+REDRAW = "python -c \"import common; common.plot_run('{}')\""
+
+
+def principal_components(x, k=2):
+    """PCA of the rows of x (N, D) by the SVD of the centred matrix, x - mean = U S V^T: returns the
+    coordinates (x - mean) V_k (N, k) and the fraction of the total variance each of the k components
+    explains, S_i^2 / sum S^2. A component is defined only up to its sign; the convention here (as
+    sklearn's svd_flip on V) makes the largest-magnitude entry of each row of V^T positive."""
+    x = x.double()
+    centred = x - x.mean(dim=0)
+    _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+    vt = vt[:k]
+    vt = vt * torch.sign(vt.gather(1, vt.abs().argmax(dim=1, keepdim=True)))
+    return centred @ vt.T, s[:k] ** 2 / (s ** 2).sum()
+
+
+def modality_gap_pca(features, max_scenes=PCA_MAX_SCENES):
+    """The data of modality_gap.png, from stage 3's embeddings {encoder: (N, D)}: up to max_scenes
+    test scenes (evenly spaced; 'index' holds their rows), and for 'before' (the untrained student,
+    student_init_ms) and 'after' alignment (student_ms): the normalised teacher RGB and student MS
+    embeddings of those scenes stacked, projected on the 2 principal components of that stack
+    ('rgb', 'ms': (n, 2) each, row i the same scene) and their 'explained_variance_ratio'. None
+    without a student."""
+    if "student_ms" not in features:
+        return None
+    n = len(features["clip_rgb"])
+    index = torch.linspace(0, n - 1, min(n, max_scenes)).round().long()
+    rgb = F.normalize(features["clip_rgb"][index].double(), dim=-1)
+    data = {"index": index.tolist(), "n_scenes": n}
+    for when, name in (("before", "student_init_ms"), ("after", "student_ms")):
+        if name in features:
+            ms = F.normalize(features[name][index].double(), dim=-1)
+            coords, ratio = principal_components(torch.cat([rgb, ms]))
+            data[when] = {"rgb": coords[:len(index)].float().tolist(), "ms": coords[len(index):].float().tolist(),
+                          "explained_variance_ratio": ratio.tolist()}
+    return data
+
+
+def save_modality_gap_pca(out, features):
+    """OUT/modality_gap_pca.json (modality_gap_pca(), on one line: it holds thousands of points);
+    an earlier run's file is removed when this run has no student."""
+    path, data = os.path.join(out, PCA_JSON), modality_gap_pca(features)
+    if data is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(tidy(data), f, sort_keys=True)
+            f.write("\n")
+    write_atomic(path, write)
+
+
+def have_matplotlib():
+    """Whether matplotlib can be imported (it is optional)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def new_figure(name, ncols=1, **subplots):
+    """An empty Figure of FIGURE_INCHES[name] at PLOT_DPI with `ncols` axes side by side: (figure, axes)."""
+    import matplotlib  # noqa: F401  (matplotlib itself first: fails as it should when it is missing)
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=FIGURE_INCHES[name], dpi=PLOT_DPI, layout="constrained")
+    return figure, figure.subplots(1, ncols, squeeze=False, **subplots)[0]
+
+
+def read_json(path):
+    """A JSON file a stage wrote."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def percent(values):
+    """Fractions as percent; None (a NaN in the JSON) stays None, a gap in the line."""
+    return [None if v is None else 100 * v for v in values]
+
+
+def epoch_axis(ax, epochs):
+    """x axis of whole epochs, as numbered in log.jsonl (from 0), at most about 10 ticks."""
+    first, last = min(epochs), max(epochs)
+    ax.set_xticks(range(first, last + 1, max(1, math.ceil((last - first + 1) / 10))))
+    ax.set_xlim(first - 0.5, last + 0.5)
+    ax.set_xlabel("epoch")
+
+
+def plot_alpha(folder):
+    """alpha.png of a stage-1 run, from metrics.json. Left: the task's validation metric and, with a
+    control task, its zero-shot metric against alpha ('alphas' rows: task_acc or task_map,
+    control_acc or control_map), the chosen alpha ('chosen_alpha') dashed, the zero-shot (alpha 0)
+    and fine-tuned (alpha 1) ends labelled. Right: the mean training loss of each epoch ('epochs'
+    rows: train_loss)."""
+    m = read_json(os.path.join(folder, "metrics.json"))
+    figure, (curve, loss) = new_figure("alpha.png", ncols=2)
+    rows = sorted(m["alphas"], key=lambda r: r["alpha"])
+    keys = sorted((k for k in rows[0] if k != "alpha"), reverse=True)  # task_<metric>, then control_<metric>
+    for key, colour in zip(keys, ("tab:blue", "tab:orange")):
+        label = f"control ({m['control']})" if key.startswith("control") else "task"
+        curve.plot([r["alpha"] for r in rows], percent(r[key] for r in rows), "o-", color=colour, label=label)
+    how = "best mean of task and control" if m["control"] else "--alpha, no control task"
+    curve.axvline(m["chosen_alpha"], color="0.3", ls="--", lw=1, label=f"chosen alpha {m['chosen_alpha']:g} ({how})")
+    curve.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0\nzero-shot", "0.25", "0.5", "0.75", "1\nfine-tuned"])
+    curve.set_xlim(-0.05, 1.05)
+    curve.set_xlabel("alpha, the weight of the fine-tuned image tower")
+    metrics = {METRIC_LABELS[k.split("_", 1)[1]] for k in keys}
+    curve.set_ylabel(metrics.pop() if len(metrics) == 1 else "accuracy or mAP (%)")
+    curve.set_title("PAINT: zero-shot on the validation splits")
+    figure.legend(*curve.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+    epochs = [r["epoch"] for r in m["epochs"]]
+    loss.plot(epochs, [r["train_loss"] for r in m["epochs"]], "o-", color="tab:blue")
+    epoch_axis(loss, epochs)
+    loss.set_ylabel("binary cross-entropy" if keys[0] == "task_map" else "cross-entropy")
+    loss.set_title("fine-tuning loss (mean over the epoch)")
+    return figure
+
+
+def plot_training(folder):
+    """training.png of a stage-2 run, from metrics.json 'epochs' rows: the MSE to the teacher's
+    embeddings (train_mse, the mean over the epoch's batches; val_mse, after the epoch), the
+    text-head loss (train_ce), and the student's zero-shot metric on the validation split (val_acc,
+    or val_map for multi-label data)."""
+    rows = read_json(os.path.join(folder, "metrics.json"))["epochs"]
+    epochs = [r["epoch"] for r in rows]
+    metric = "map" if "val_map" in rows[0] else "acc"
+    figure, (mse, ce, score) = new_figure("training.png", ncols=3)
+    mse.plot(epochs, [r["train_mse"] for r in rows], "o-", color="tab:blue", label="train")
+    mse.plot(epochs, [r["val_mse"] for r in rows], "s--", color="tab:orange", label="validation")
+    mse.set(ylabel="MSE to the teacher's embedding", title="alignment loss")
+    mse.legend(fontsize=8)
+    ce.plot(epochs, [r["train_ce"] for r in rows], "o-", color="tab:blue", label="train")
+    ce.set(ylabel="binary cross-entropy" if metric == "map" else "cross-entropy", title="text-head loss (train)")
+    score.plot(epochs, percent(r[f"val_{metric}"] for r in rows), "s--", color="tab:orange")
+    score.set(ylabel=METRIC_LABELS[metric], title="zero-shot (validation)")
+    for ax in (mse, ce, score):
+        epoch_axis(ax, epochs)
+    return figure
+
+
+def gap_title(when, gap):
+    """The panel title of modality_gap.png: metrics.json's modality gap numbers (in all D dimensions)."""
+    number = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    return (f"{when} alignment\ncentroid distance {number(gap['centroid_distance'])}; mean cosine of\n"
+            f"true pairs {number(gap['true_pair_cosine'])}, random pairs {number(gap['random_pair_cosine'])}")
+
+
+def plot_modality_gap(folder):
+    """modality_gap.png of a stage-3 run of a student: the normalised test embeddings of the teacher
+    (RGB) and the student (MS) on the 2 principal components of both together (modality_gap_pca.json:
+    'before' and 'after' -> 'rgb', 'ms', 'explained_variance_ratio'), before and after alignment side
+    by side, grey lines joining a few true pairs, crosses at the two centroids; titles from
+    metrics.json 'metrics' -> 'modality_gap' -> 'before' / 'after'."""
+    pca = read_json(os.path.join(folder, PCA_JSON))
+    gap = read_json(os.path.join(folder, "metrics.json"))["metrics"]["modality_gap"]
+    panels = [when for when in ("before", "after") if when in pca]
+    figure, axes = new_figure("modality_gap.png", ncols=len(panels))
+    for ax, when in zip(axes, panels):
+        rgb, ms = np.array(pca[when]["rgb"]), np.array(pca[when]["ms"])
+        joined = np.unique(np.linspace(0, len(rgb) - 1, min(len(rgb), PAIRS_DRAWN)).round().astype(int))
+        lines = ax.plot(np.stack([rgb[joined, 0], ms[joined, 0]]), np.stack([rgb[joined, 1], ms[joined, 1]]),
+                        color="0.6", lw=0.8, zorder=1)
+        lines[0].set_label("true pairs")
+        for points, colour, label in ((rgb, "tab:blue", "teacher, RGB"), (ms, "tab:orange", "student, MS")):
+            ax.scatter(points[:, 0], points[:, 1], s=10, color=colour, alpha=0.6, lw=0, label=label, zorder=2)
+            ax.scatter(*points.mean(axis=0), s=90, marker="X", color=colour, edgecolor="black", zorder=3)
+        ratio = pca[when]["explained_variance_ratio"]
+        ax.set(xlabel=f"PC 1 ({100 * ratio[0]:.0f}% of variance)", ylabel=f"PC 2 ({100 * ratio[1]:.0f}% of variance)",
+               title=gap_title(when, gap[when]))
+        ax.title.set_fontsize(9)
+        ax.set_aspect("equal", adjustable="datalim")  # distances on the page are distances in the plane
+    from matplotlib.lines import Line2D
+    centroid = Line2D([], [], ls="", marker="X", markersize=9, color="0.6", markeredgecolor="black", label="centroids")
+    figure.legend(handles=[*axes[0].get_legend_handles_labels()[0], centroid], loc="outside lower center", ncols=4,
+                  fontsize=8)
+    figure.suptitle(f"modality gap: normalised test embeddings, {len(pca['index'])} scenes, PCA of both modalities")
+    return figure
+
+
+def plot_confusion(folder):
+    """confusion.png of a stage-3 run on single-label data: each evaluated encoder's zero-shot
+    confusion matrix (metrics.json 'metrics' -> 'zeroshot' -> encoder -> 'confusion_matrix':
+    counts[i][j] = test images of class i predicted as class j), each row divided by the images of
+    its class, so the diagonal is the per-class recall; the counts are written in the cells of up
+    to 12 classes."""
+    zeroshot = read_json(os.path.join(folder, "metrics.json"))["metrics"]["zeroshot"]
+    encoders = [name for name, m in zeroshot.items() if "confusion_matrix" in m]
+    figure, axes = new_figure("confusion.png", ncols=len(encoders), sharey=True)
+    for ax, name in zip(axes, encoders):
+        matrix = zeroshot[name]["confusion_matrix"]
+        counts, classes = np.array(matrix["counts"]), matrix["classes"]
+        rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        if len(classes) <= 12:
+            for (i, j), count in np.ndenumerate(counts):
+                ax.text(j, i, count, ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+        ticks = range(len(classes))
+        ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, classes, fontsize=7)
+        ax.set(xlabel="predicted class", title=f"{ENCODER_NAMES.get(name, name)}, zero-shot: top-1 "
+                                               f"{100 * zeroshot[name]['acc1']:.1f}%")
+        ax.title.set_fontsize(10)
+    axes[0].set_ylabel("true class (test split)")
+    figure.colorbar(image, ax=list(axes), shrink=0.7, label="fraction of the true class's images")
+    return figure
+
+
+def plot_per_class_ap(folder):
+    """per_class_ap.png of a stage-3 run on multi-label data: each evaluated encoder's zero-shot
+    average precision per class as grouped horizontal bars (metrics.json 'metrics' -> 'zeroshot' ->
+    encoder -> 'per_class_ap'; a class without positive test images has no bar, but a note), and
+    its mAP."""
+    zeroshot = read_json(os.path.join(folder, "metrics.json"))["metrics"]["zeroshot"]
+    encoders = [name for name, m in zeroshot.items() if "per_class_ap" in m]
+    classes = list(zeroshot[encoders[0]]["per_class_ap"])
+    figure, (ax,) = new_figure("per_class_ap.png")
+    height = 0.8 / len(encoders)
+    for k, (name, colour) in enumerate(zip(encoders, ("tab:blue", "tab:orange", "tab:green"))):
+        aps = [zeroshot[name]["per_class_ap"][c] for c in classes]
+        ax.barh(np.arange(len(classes)) + k * height, [np.nan if v is None else 100 * v for v in aps], height,
+                color=colour, label=f"{ENCODER_NAMES.get(name, name)} (mAP "
+                                    f"{100 * zeroshot[name]['mean_average_precision']:.1f}%)")
+    for i, c in enumerate(classes):
+        if all(zeroshot[name]["per_class_ap"][c] is None for name in encoders):
+            ax.text(1, i + 0.4 - height / 2, "no positive test images", fontsize=7, color="0.4", va="center")
+    ax.set_yticks(np.arange(len(classes)) + 0.4 - height / 2,
+                  [c if len(c) <= 40 else c[:38] + "..." for c in classes], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 100), xlabel="average precision (%)", title="zero-shot average precision per class (test split)")
+    ax.legend(fontsize=8)
+    return figure
+
+
+def plot_summary(path, models, settings, values):
+    """The paper's table (03_eval.py --summary-plot FILE) as grouped bars: one group per evaluation
+    setting (data set and split), one bar per model, its zero-shot top-1 accuracy (mAP for
+    multi-label data) in % (values[model][setting], None where the model was not evaluated)."""
+    figure, (ax,) = new_figure("summary.png")
+    width = 0.8 / len(models)
+    for k, (model, row) in enumerate(zip(models, values)):
+        bars = ax.bar(np.arange(len(settings)) + (k - (len(models) - 1) / 2) * width,
+                      [np.nan if v is None else v for v in row], width, label=model, color=f"C{k % 10}")
+        ax.bar_label(bars, ["" if v is None else f"{v:.1f}" for v in row], fontsize=7)
+    ax.set_xticks(np.arange(len(settings)), settings, fontsize=8)
+    ax.set(ylabel="zero-shot top-1 accuracy or mAP (%)", ylim=(0, 100),
+           title="zero-shot classification (the results log's table)")
+    figure.legend(loc="outside lower center", ncols=min(3, len(models)), fontsize=7)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=PLOT_DPI))
+
+
+def pictures(folder):
+    """The pictures the JSON in a run folder supports: {file name: function drawing its Figure}."""
+    path = os.path.join(folder, "metrics.json")
+    m = read_json(path) if os.path.isfile(path) else {}
+    zeroshot = m.get("metrics", {}).get("zeroshot", {})
+    drawers = {"alpha.png": plot_alpha if "alphas" in m else None,
+               "training.png": plot_training if "epochs" in m and "alphas" not in m else None,
+               "modality_gap.png": plot_modality_gap if os.path.isfile(os.path.join(folder, PCA_JSON)) else None,
+               "confusion.png": plot_confusion if any("confusion_matrix" in z for z in zeroshot.values()) else None,
+               "per_class_ap.png": plot_per_class_ap if any("per_class_ap" in z for z in zeroshot.values()) else None}
+    return {name: draw for name, draw in drawers.items() if draw is not None}
+
+
+def plot_run(folder):
+    """Draw every picture the JSON in a run folder supports, next to it, and return their paths:
+    stage 1 alpha.png, stage 2 training.png, stage 3 confusion.png (per_class_ap.png for multi-label
+    data) and, for a student, modality_gap.png. Needs matplotlib (pip install matplotlib)."""
+    drawers = pictures(folder)
+    if not drawers:
+        raise ValueError(f"{folder} holds no metrics.json of an rsclip-align stage to draw from")
+    paths = []
+    for name, draw in drawers.items():
+        figure = draw(folder)
+        paths.append(os.path.join(folder, name))
+        write_atomic(paths[-1], lambda tmp: figure.savefig(tmp, format="png", dpi=PLOT_DPI))
+    return paths
+
+
+def draw_pictures(out, session, draw=True):
+    """A stage's last step, once everything is saved: remove the pictures an earlier run left in
+    `out`, then (unless --no-plots, draw=False) draw this run's from its JSON (plot_run). Without
+    matplotlib, or when drawing fails, one printed line: a picture never costs a finished run
+    (with --debug a failure shows its traceback)."""
+    for name in PICTURES:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    if not draw:
+        return
+    names = ", ".join(pictures(out))
+    session.on_stop = f"the run is saved, its pictures are not; draw them with: {REDRAW.format(out)}"
+    if not have_matplotlib():
+        print(f"plots: matplotlib is not installed; pip install matplotlib to get {names} (or pass --no-plots)")
+        return
+    try:
+        paths = plot_run(out)
+    except Interrupted:
+        raise
+    except Exception as e:
+        if session.debug:
+            raise
+        print(f"plots: could not draw {names} ({type(e).__name__}: {str(e)[:160]}); the run is saved; "
+              f"redraw with: {REDRAW.format(out)}")
+        return
+    print(f"plots: wrote {', '.join(paths)}")
