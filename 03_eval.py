@@ -650,6 +650,8 @@ def evaluate(scenes, case, dataset, out, models, args, kind, info, device, sessi
         C.save_torch(os.path.join(out, "embeddings.pt"), {
             "features": features, "logits": logits, "labels": labels, "index": index,
             "files": [scenes.files[i] for i in index.tolist()], "zeroshot_head": head, "logit_scale": logit_scale})
+    elif os.path.exists(os.path.join(out, "embeddings.pt")):  # an earlier run's (--overwrite): not these metrics'
+        os.remove(os.path.join(out, "embeddings.pt"))
     time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     C.append_jsonl(args.results, {"time": time, **{k: v for k, v in setting.items() if k != "case"},
                                   **flatten({"case": case}), **flatten(metrics)})

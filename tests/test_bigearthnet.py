@@ -5,13 +5,15 @@ import bz2
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
-from conftest import (BEN_BANDS, SHARED_BEN, SHARED_BEN_SPLITS, TINY_CLIP, TINY_STUDENT, load_stage,
+from conftest import (BEN_BANDS, ROOT, SHARED_BEN, SHARED_BEN_SPLITS, TINY_CLIP, TINY_STUDENT, load_stage,
                       make_bigearthnet_patch, official_names)
 
 import common as C
@@ -260,3 +262,13 @@ def test_stages_end_to_end_on_bigearthnet(ben_runs):
         assert set(zs["per_class_ap"]) == set(meta["classes"])
         assert 0 <= m["text_to_image"][name]["mean_average_precision"] <= 1
     assert set(m["cross_modal"]) == {"ms_to_rgb", "rgb_to_ms"} and "after" in m["modality_gap"]
+
+
+def test_the_benchmark_script_still_runs_on_generated_patches():
+    """tests/benchmark.py is a script that prints figures, not a timed test; this only checks that
+    it runs (its BigEarthNet mode makes its own patches) and prints both loader figures."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "benchmark.py"), "--bigearthnet", "40",
+                           "--repeat", "1", "--loader-only", "--batch-size", "8", "--workers", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "40 patches in" in done.stdout and "images/s from the packed cache" in done.stdout

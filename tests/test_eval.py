@@ -258,6 +258,13 @@ def test_cli_on_student_with_moved_teacher_and_no_init(patched_run, student_run,
 # ============================================================================ bad input
 
 
+def test_overwrite_without_save_embeddings_removes_the_earlier_embeddings(patched_run, tmp_path):
+    cli(tmp_path, "--ckpt", patched_run["ckpt"], "--root", patched_run["root"], "--save-embeddings", "--no-plots")
+    assert os.path.isfile(tmp_path / "eval" / "embeddings.pt")
+    cli(tmp_path, "--ckpt", patched_run["ckpt"], "--root", patched_run["root"], "--overwrite", "--no-plots")
+    assert not os.path.exists(tmp_path / "eval" / "embeddings.pt")  # it would not match the new metrics.json
+
+
 def test_unknown_checkpoint_kind(patched_run, tmp_path, capsys):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "model.pt")
     expect_user_error(capsys, ["--ckpt", str(tmp_path / "model.pt"), "--root", patched_run["root"]],
