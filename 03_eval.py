@@ -355,7 +355,8 @@ def plan_split(name, root, args, kind, records):
                           + (" (the data set was not trained on)" if not own else " after adding images"))
     for record in own:
         C.check_held_out(split, record["train_scenes"](), record["path"])
-    case = {r["encoder"]: "trained on" if r in own else "transfer" for r in records}
+    case = {"clip_rgb": "transfer"}  # an un-patched CLIP was never trained here
+    case.update({r["encoder"]: "trained on" if r in own else "transfer" for r in records})
     return split, case
 
 

@@ -198,6 +198,7 @@ def test_cli_baseline_with_default_run_folder_and_log(patched_run, tmp_path, mon
     metrics = json.load(open(tmp_path / "runs/eval" / f"{TINY_CLIP}-none-eurosat_ms-test" / "metrics.json"))
     (row,) = [json.loads(line) for line in open(tmp_path / "runs/results.jsonl")]
     assert metrics["ckpt"] is None and metrics["model"] == TINY_CLIP and metrics["ckpt_kind"] == "baseline"
+    assert metrics["case"] == {"clip_rgb": "transfer"} and row["case/clip_rgb"] == "transfer"
     assert row["ckpt_sha256"] is None and row["pretrained"] == "none"
     assert 0 <= row["zeroshot/clip_rgb/acc1"] <= row["zeroshot/clip_rgb/acc5"] <= 1
 
