@@ -136,7 +136,7 @@ def load_control(args):
     control = C.load_split(args.control, args.control_root, "val", args.split_seed)
     if not control.files:
         control = C.load_split(args.control, args.control_root, "test", args.split_seed)
-    if args.control_per_class:
+    if args.control_per_class is not None:
         control = C.per_class_subset(control, args.control_per_class, args.split_seed)
     if not control.files:
         raise C.UserError(f"the control {args.control} in {control.root} has no images to evaluate; pass another "
@@ -153,6 +153,8 @@ def main(argv=None):
 def run(args, argv, session):
     # ------------------------------------------------------------------ setup
     device = C.pick_device(args.device)
+    if args.control_per_class is not None and (not args.control or args.control_per_class < 1):
+        raise C.UserError(f"--control-per-class {args.control_per_class}: pass a number of images >= 1, with --control")
     C.check_run_dir(args.out, "patched.json", args.overwrite, args.resume)
     torch.manual_seed(args.seed)
     bad = {}  # path -> reason, for --skip-bad-files

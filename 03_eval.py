@@ -334,25 +334,26 @@ def plan_split(name, root, args, kind, records):
     if kind == "student" and scenes.modality != "ms":
         raise C.UserError(f"a student reads Sentinel-2 bands, --data {name} is RGB; pass "
                           + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
-    here = C.scene_set(name, scenes.root)
-    own = [r for r in records if r["scenes"] == here]
+    own = [r for r in records if C.trained_on(r["record"], scenes, r["train_scenes"]())]
     seeds = {r["seed"] for r in own}
     if own and args.split == "all":
         raise C.UserError(f"--split all would evaluate {own[0]['path']} on the scenes it was trained on ({name}); "
                           f"pass --split test (its held-out split)")
-    if len(seeds) > 1:
+    if len(seeds) > 1 and not C.DATA[name].official_splits:
         raise C.UserError(f"the student and its teacher hold out other {name} scenes (split seeds {sorted(seeds)}); "
                           f"evaluate them on another data set, or align with the teacher's seed")
-    seed = seeds.pop() if own else (args.split_seed if args.split_seed is not None else 0)
+    seed = min(seeds) if own else (args.split_seed if args.split_seed is not None else 0)
     if own and args.split_seed is not None and args.split_seed != seed and not C.DATA[name].official_splits:
         raise C.UserError(f"--split-seed {args.split_seed} differs from the seed {seed} that {own[0]['path']} was "
                           f"trained with: its {args.split} split would overlap the training images; drop --split-seed")
     split = scenes if args.split == "all" else scenes.subset(C.split_indices(scenes, seed)[args.split], args.split)
-    # the prompts the checkpoint was trained with on its own data, else the data set's own (or --prompts)
-    split = replace(C.head_prompts(split, records[-1]["record"] if records else None, args.prompts), seed=seed)
+    # one head for every encoder: the prompts the student, else its teacher, was trained with on these
+    # scenes, else the data set's own (or --prompts)
+    split = replace(C.head_prompts(split, [r["record"] for r in reversed(own)], args.prompts), seed=seed)
     if not split.files:
-        raise C.UserError(f"the {args.split} split of {name} in {scenes.root} is empty; pass --split all"
-                          + (" (the data set was not trained on)" if not own else " after adding images"))
+        other = [s for s in ("test", "val", "all") if s != args.split and (s != "all" or not own)]
+        raise C.UserError(f"the {args.split} split of {name} in {scenes.root} is empty; pass --split "
+                          f"{' or '.join(other)}, or add images")
     for record in own:
         C.check_held_out(split, record["train_scenes"](), record["path"])
     case = {"clip_rgb": "transfer"}  # an un-patched CLIP was never trained here
@@ -439,13 +440,16 @@ def summary_rows(lines):
     A row is one model: an un-patched CLIP (its model and tag), a patched CLIP (its run folder; the
     teacher of a student's evaluation counts as one too) or a student (its checkpoint), each on the
     images it reads (clip_rgb or student_ms). A column is one evaluation setting: data set, split,
-    number of images and prompts; settings that differ get separate, marked columns, never one.
+    number of images, prompts, data root and split seed (none for official splits); settings that
+    differ get separate, marked columns, never one.
     The cell is top-1 accuracy for single-label data and mAP for multi-label data (the latest line
     of a row and column wins), and the gain is the difference to the un-patched CLIP of the same
     model and tag in the same column, as the paper reports its gains."""
     cells, baselines = {}, {}
     for line in lines:
-        column = (line["data"], line["split"], line["n_images"], line.get("prompts_sha256"))
+        official = line["data"] in C.DATA and C.DATA[line["data"]].official_splits
+        column = (line["data"], line["split"], line["n_images"], line.get("prompts_sha256"), line.get("root"),
+                  None if official or line["split"] == "all" else line.get("split_seed"))
         base = (line["model"].removesuffix("-quickgelu"), line["pretrained"])
         kind = line["ckpt_kind"]
         encoders = {"baseline": [("clip_rgb", ("baseline",) + base)],
@@ -475,15 +479,19 @@ def summary_layout(table):
             return f"CLIP {rest[0]} ({rest[1]})"
         path = os.path.relpath(rest[0]) if not os.path.relpath(rest[0]).startswith("../..") else rest[0]
         return f"patched CLIP {path}" if kind == "patched" else f"student {path}"
-    columns = sorted({c for cells in table.values() for c in cells}, key=lambda c: (c[0], c[1], c[2], c[3] or ""))
+    columns = sorted({c for cells in table.values() for c in cells}, key=lambda c: tuple(map(str, c)))
     labels = []
-    for data, split, n, prompts in columns:
+    for data, split, n, prompts, root, seed in columns:
         same = [c for c in columns if c[:2] == (data, split)]
         label = f"{data} {split}"
+        if len({c[5] for c in same}) > 1:
+            label += f" (seed {seed})"
         if len({c[2] for c in same}) > 1:
             label += f" ({n} images)"
         if len({c[3] for c in same}) > 1:
             label += f" [prompts {(prompts or 'unknown')[:8]}]"
+        if len({c[4] for c in same}) > 1:
+            label += f" [{root or 'unknown root'}]"
         labels.append(label)
     order = sorted(table, key=lambda r: (["baseline", "patched", "student"].index(r[0]), row_name(r)))
     return order, [row_name(r) for r in order], columns, labels
@@ -557,8 +565,16 @@ def run(args, session):
     if os.path.isdir(args.results):
         raise C.UserError(f"the results log {args.results} is a folder; pass --results FILE")
     C.check_writable(args.results, "the results log", "--results FILE")
+    done = []
     for (scenes, case), dataset, out in zip(plans, datasets, outs):
-        evaluate(scenes, case, dataset, out, models, args, kind, info, device, session)
+        try:
+            evaluate(scenes, case, dataset, out, models, args, kind, info, device, session)
+        except C.UserError as e:  # e.g. an unreadable image: its unfinished run folder goes, the finished stay
+            C.unmake_run_dir(out, "metrics.json")
+            rest = [f"{s.dataset}={s.root}" for s, _ in plans[len(done):]]
+            raise C.UserError(f"{e}" + (f" (finished before it: {', '.join(done)}; go on with --data "
+                                        f"{' '.join(rest)})" if done else "")) from e
+        done.append(scenes.dataset)
 
 
 def evaluate(scenes, case, dataset, out, models, args, kind, info, device, session):

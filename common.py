@@ -302,7 +302,8 @@ def list_scenes(dataset, root=None, download=False):
     entry = DATA[dataset]
     root = root or entry.root
     if root is None:
-        raise UserError(f"--data {dataset} needs --root DIR, a folder with one sub-folder of images per class")
+        raise UserError(f"--data {dataset} needs its folder: --root DIR (or --data {dataset}=DIR), a folder with one "
+                        f"sub-folder of images per class")
     listed = entry.lister(dataset, root, download)
     templates = entry.templates if entry.templates is not None else imagenet_prompts()[1]
     return Scenes(dataset, modality=entry.modality, templates=templates, **listed)
@@ -310,9 +311,11 @@ def list_scenes(dataset, root=None, download=False):
 
 def scene_set(dataset, root):
     """Which scenes a data set's files show, as a name: 'eurosat' for both EuroSAT entries (one
-    set of scenes as jpgs and as tifs), 'bigearthnet' for its 19-, 43- and 5-class entries, a class
-    folder's own path otherwise. A checkpoint trained on one is held to its split on all of them."""
-    return DATA[dataset].scenes or f"{dataset}:{os.path.abspath(root)}"
+    set of scenes as jpgs and as tifs), 'bigearthnet' for its 19-, 43- and 5-class entries, the
+    folder's real path for a class folder (the same folder read as --data folder or resisc45 is
+    the same scenes). A checkpoint trained on one is held to its split on all of them; see also
+    trained_on(), which compares the scene ids themselves."""
+    return DATA[dataset].scenes or os.path.realpath(root)
 
 
 def scene_id(file):
@@ -355,6 +358,8 @@ def load_split(dataset, root, split, seed, download=False):
 def per_class_subset(scenes, n, seed):
     """At most n scenes of each class, the same ones for the same seed whatever else the folders
     hold: in each class the n with the smallest SHA-256("<seed>/<scene id>") (as hashed_split)."""
+    if n < 1:
+        raise UserError(f"a per-class subset needs at least 1 image per class, not {n}")
     if scenes.multilabel:
         raise UserError(f"a per-class subset needs one class per image; {scenes.dataset} is multi-label")
     rank = {i: scene_hash(seed, scene_id(f)) for i, f in enumerate(scenes.files)}
@@ -514,7 +519,7 @@ DATA = {
     "eurosat_ms": DataSet("ms", "data/EuroSAT_MS", _folders(classnames=EUROSAT_CLASSNAMES, suffixes=TIF_SUFFIXES),
                           read_s2_tif, EUROSAT_TEMPLATES, Pixels((S2_BANDS,), L1C_RGB_MAX), scenes="eurosat"),
     "resisc45": DataSet("rgb", "data/NWPU-RESISC45", _folders(classnames=lambda c: c.replace("_", " ")),
-                        read_rgb, RESISC45_TEMPLATES, scenes="resisc45"),
+                        read_rgb, RESISC45_TEMPLATES),
     "folder": DataSet("rgb", None, _folders(), read_rgb, GENERIC_TEMPLATES),
     "imagenet": DataSet("rgb", None, list_imagenet, read_rgb, None, official_splits=True),  # templates: open_clip's
     "bigearthnet19": _bigearthnet(19),
@@ -1004,15 +1009,24 @@ def trained_scenes(record):
     return record.get("scenes") or scene_set(record["dataset"], record.get("root") or DATA[record["dataset"]].root or "")
 
 
-def head_prompts(scenes, meta=None, path=None):
+def trained_on(record, scenes, train_ids=()):
+    """Whether a checkpoint (its patched.json or student record) was trained on these scenes: the
+    same scene set (scene_set), or any scene id among its training scenes `train_ids` (the same
+    files read under another data-set name, e.g. EuroSAT's jpgs as --data folder)."""
+    return trained_scenes(record) == scene_set(scenes.dataset, scenes.root) or \
+        (bool(train_ids) and any(scene_id(f) in train_ids for f in scenes.files))
+
+
+def head_prompts(scenes, records=(), path=None):
     """The scenes with the prompts their zero-shot head is built from: a --prompts file when one is
-    given; else the prompts a patched CLIP (meta: its patched.json) was patched with, when these
-    are its scenes and classes; else the data set's own class names and templates."""
+    given; else those of the first record (a patched.json or student record that was trained on
+    these scenes, see trained_on) with the same classes: a checkpoint meets its own data with the
+    prompts it was trained with; else the data set's own class names and templates."""
     if path:
         return with_prompts(scenes, path)
-    if meta and trained_scenes(meta) == scene_set(scenes.dataset, scenes.root) and \
-            list(meta["classes"]) == list(scenes.classes):
-        return replace(scenes, classnames=list(meta["classnames"]), templates=tuple(meta["templates"]))
+    for record in records:
+        if list(record["classes"]) == list(scenes.classes) and "classnames" in record:
+            return replace(scenes, classnames=list(record["classnames"]), templates=tuple(record["templates"]))
     return scenes
 
 
@@ -1266,6 +1280,18 @@ def lock_run_dir(session, out, resume=False, stale=("last.pt", "log.jsonl")):
         for name in stale:
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
+
+
+def unmake_run_dir(out, finished_file):
+    """Undo lock_run_dir for a run that stopped on an error before it finished: remove its args.json
+    and lock, and the folder when nothing else is in it."""
+    if os.path.exists(os.path.join(out, finished_file)):
+        return
+    for name in ("args.json", ".lock"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
 
 
 def describe_run(args, device):

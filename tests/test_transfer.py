@@ -43,7 +43,7 @@ KNOWN = [
 
 def test_summary_of_known_lines_is_the_known_table():
     table = evaluate.summary_rows(KNOWN)
-    eurosat, ben = ("eurosat_ms", "test", 100, "p1"), ("bigearthnet19", "test", 100, "p1")
+    eurosat, ben = ("eurosat_ms", "test", 100, "p1", None, None), ("bigearthnet19", "test", 100, "p1", None, None)
     assert table[("baseline", "ViT-B-32", "openai")] == {eurosat: (40.0, None), ben: (20.0, None)}
     patched = table[("patched", "/r/patch")]  # the later line (the student's teacher) wins: 71, not 70
     assert patched[eurosat] == pytest.approx((71.0, 31.0)) and patched[ben] == pytest.approx((50.0, 30.0))
@@ -55,6 +55,20 @@ def test_summary_of_known_lines_is_the_known_table():
     assert "| student /r/align/student.pt | 45.00 (+25.00) | 65.00 (+25.00) |" in text
     rows = list(csv.reader(io.StringIO(evaluate.summary_table(table, "csv"))))
     assert rows[0] == ["model", "bigearthnet19 test", "eurosat_ms test"] and len(rows) == 4
+
+
+def test_summary_keeps_other_seeds_and_roots_apart_but_not_official_splits():
+    seed = dict(root="/d/eurosat")
+    lines = [{**line("baseline", "eurosat_ms", 0.40), **seed, "split_seed": 4},
+             {**line("patched", "eurosat_ms", 0.60, ckpt="/r/p"), **seed, "split_seed": 5},
+             {**line("patched", "eurosat_ms", 0.55, ckpt="/r/p"), "root": "/e/eurosat", "split_seed": 5},
+             {**line("baseline", "bigearthnet19", 0.20, metric="mean_average_precision"), "split_seed": 0},
+             {**line("patched", "bigearthnet19", 0.30, ckpt="/r/p", metric="mean_average_precision"), "split_seed": 3}]
+    text = evaluate.summary_table(evaluate.summary_rows(lines))
+    header = text.splitlines()[0]
+    assert "eurosat_ms test (seed 4)" in header and "eurosat_ms test (seed 5) [/d/eurosat]" in header
+    assert "[/e/eurosat]" in header and "(+20.00)" not in text  # no gain across other test images
+    assert "| 30.00 (+10.00) |" in text  # the official BigEarthNet split is one column whatever the seed
 
 
 def test_summary_keeps_other_prompts_and_other_splits_apart():
@@ -316,3 +330,59 @@ def test_stage1_and_stage2_record_the_prompts_file(ms_root, tmp_path):
                 "--batch-size", "16", "--workers", "0", "--out", str(tmp_path / "align")])
     record = torch.load(tmp_path / "align" / "student.pt", weights_only=True)
     assert record["templates"] == meta["templates"]  # the teacher's prompts on its own scenes
+
+
+# ============================================================================ found in review
+
+
+def test_the_same_files_under_another_data_set_name_are_still_trained_on(patched_run, tmp_path, capsys):
+    """EuroSAT scenes read as --data folder are the patched CLIP's training scenes (their ids are
+    in train_scenes.txt): held to its split, and --split all is refused."""
+    from conftest import make_eurosat_rgb
+    root = os.path.join(make_eurosat_rgb(tmp_path / "rgb"), "eurosat", "2750")
+    (row,) = run_eval(tmp_path, "--ckpt", patched_run["ckpt"], "--data", f"folder={root}", "--no-plots")
+    meta = json.load(open(os.path.join(patched_run["ckpt"], "patched.json")))
+    assert row["case/clip_rgb"] == "trained on" and row["split_seed"] == meta["split_seed"]
+    line = user_error(capsys, ["--ckpt", patched_run["ckpt"], "--data", f"folder={root}", "--split", "all",
+                               "--out", str(tmp_path / "all")])
+    assert "--split test" in line and not os.path.exists(tmp_path / "all")
+    assert C.scene_set("folder", root) == C.scene_set("resisc45", root + "/")  # one folder, one set of scenes
+
+
+def test_a_students_teacher_meets_its_own_data_with_its_own_prompts(ms_root, tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"templates": ["a sentinel-2 image of {}."]}))
+    load_stage("01_patch_clip.py").main(tiny_patch_args(ms_root, tmp_path / "patch", "eurosat_ms", "--epochs", "1",
+                                                        "--prompts", str(tmp_path / "p.json"), "--no-plots"))
+    ben = tmp_path / "ben"
+    for split, n in (("train", 8), ("val", 4)):
+        for i, name in enumerate(official_names(split, n)):
+            make_bigearthnet_patch(ben, name, [["Coniferous forest"], ["Pastures"]][i % 2], seed=i)
+    align.main(["--teacher", str(tmp_path / "patch"), "--data", "bigearthnet19", "--root", str(ben), *TINY_STUDENT,
+                "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-plots", "--out", str(tmp_path / "align")])
+    (row,) = run_eval(tmp_path, "--ckpt", str(tmp_path / "align"), "--data", f"eurosat_ms={ms_root}", "--no-plots")
+    assert row["case/clip_rgb"] == "trained on" and row["case/student_ms"] == "transfer"
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert metrics["prompts"]["templates"] == ["a sentinel-2 image of {}."]  # the teacher's, as on its own
+
+
+def test_a_bad_file_in_a_later_data_set_keeps_the_finished_ones_and_says_how_to_go_on(patched_run, tmp_path, capsys):
+    root = make_folder(tmp_path / "other", ["airplane", "beach"], per_class=20)
+    test_files = C.load_split("folder", root, "test", 0).files
+    for f in test_files[1:]:  # the first sets the image size; the others are found bad while embedding
+        (tmp_path / "other" / f).write_bytes(b"not an image")
+    argv = ["--ckpt", patched_run["ckpt"], "--data", f"eurosat_ms={patched_run['root']}", f"folder={root}",
+            "--split", "test", "--out", str(tmp_path / "eval"), "--results", str(tmp_path / "r.jsonl"), "--no-plots"]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*argv, "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "finished before it: eurosat_ms" in err and f"--data folder={root}" in err
+    assert os.path.isfile(tmp_path / "eval" / "eurosat_ms-test" / "metrics.json")
+    assert not os.path.exists(tmp_path / "eval" / "folder-test")  # no half-made run folder
+
+
+@pytest.mark.parametrize("flags", [["--control-per-class", "0", "--control", "folder"], ["--control-per-class", "3"]])
+def test_control_per_class_needs_a_positive_number_and_a_control(ms_root, tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as e:
+        load_stage("01_patch_clip.py").main(tiny_patch_args(ms_root, tmp_path / "patch", "eurosat_ms", *flags))
+    assert e.value.code == 2 and "--control-per-class" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "patch")
