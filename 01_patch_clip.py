@@ -1,7 +1,7 @@
 """Stage 1: patch an open_clip CLIP on remote-sensing RGB images (PAINT, Ilharco et al. 2022).
 
     python 01_patch_clip.py --data eurosat --control resisc45          # the paper's setting
-    python 01_patch_clip.py --data bigearthnet19 --label-smoothing 0.2 --control imagenet \
+    python 01_patch_clip.py --data bigearthnet19 --label-smoothing 0.2 --control imagenet \\
         --control-root data/imagenet/val --control-per-class 10        # PAINT's supported task as control
     python 01_patch_clip.py --data eurosat_ms --root data/EuroSAT_MS   # RGB composites of the tifs
     python 01_patch_clip.py --model ViT-S-32 --pretrained none --data eurosat_ms \\

@@ -10,12 +10,12 @@ The teacher, the image tower of stage 1's patched CLIP, frozen, sees the RGB com
 scene (B04, B03, B02 x 255/3558 for L1C, x 255/2000 for BigEarthNet's L2A) through CLIP's
 preprocessing; the student, a ViT-S/16 with a 13-band patch embedding and a linear projection,
 sees all 13 bands as reflectance. Loss:
-    L = MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y)           (alignment_loss)
+    L = mu * MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y)      (alignment_loss)
 with s, t the student's and teacher's embeddings of the same scene, W the frozen zero-shot head
 (the teacher's text tower on this data set's prompts: any Sentinel-2 data set can be aligned to a
-CLIP patched on any other) and lambda = --ce-weight; BCE-with-logits for multi-label targets. No text is needed and CLIP is
-not changed. The teacher sees no augmentation, so its embeddings are computed once per split and
-cached (teacher_embeddings).
+CLIP patched on any other), mu = --mse-weight (1) and lambda = --ce-weight (0.05); BCE-with-logits
+for multi-label targets. No text is needed and CLIP is not changed. The teacher sees no
+augmentation, so its embeddings are computed once per split and cached (teacher_embeddings).
 Writes OUT/args.json, log.jsonl, metrics.json, student_init.pt (the student before training,
 for stage 3's modality gap "before") and student.pt (weights, architecture, input size,
 normalisation, embedding size, the teacher's path and weights hash, the data set, its prompts and
@@ -207,13 +207,12 @@ def run(args, argv, session):
         raise C.UserError(f"the student reads Sentinel-2 bands, --data {args.data} is RGB; pass "
                           + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
     val = C.load_split(args.data, train.root, "val", meta["split_seed"])
-    teacher_scenes = set()
     if "train_scenes" in meta:  # the teacher chose alpha on these val scenes: it must not have trained on them
         teacher_scenes = C.read_scenes(os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),
                                        meta["train_scenes_sha256"])
         C.check_held_out(val, teacher_scenes, f"--teacher {args.teacher}")
     # the CE term's prompts: the teacher's own on the scenes it was patched on, else the data set's (or --prompts)
-    train = C.head_prompts(train, [meta] if C.trained_on(meta, train, teacher_scenes) else [], args.prompts)
+    train = C.head_prompts(train, [meta] if C.trained_on(meta, train) else [], args.prompts)
     # the frozen text head W of the CE term: the teacher's text tower on this data set's prompts
     head = C.zeroshot_head(teacher, tokenizer, train.classnames, train.templates, device)
     train_ds = C.open_images(train, args.cache, args.workers)

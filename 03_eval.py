@@ -21,8 +21,8 @@ and for a student, with its teacher CLIP:
 - cross-modal retrieval of the same scenes, MS -> RGB and RGB -> MS: recall@1, 5, 10, 20, 50 (the
   official code's cut-offs);
 - the modality gap: distance between the centroids of the normalised MS and RGB embeddings, and
-  the mean cosine of true vs random pairs; before (OUT/student_init.pt, when stage 2 saved it)
-  and after alignment.
+  the mean cosine of true vs random pairs; before (student_init.pt beside student.pt, as stage 2
+  saves it) and after alignment.
 Every image is read once and embedded once by each encoder. Writes OUT/args.json, OUT/metrics.json
 (and OUT/embeddings.pt with --save-embeddings) and appends one JSON line to --results; for a
 student also OUT/modality_gap_pca.json (the gap's 2-D picture as numbers). Last, drawn from those
@@ -334,7 +334,7 @@ def plan_split(name, root, args, kind, records):
     if kind == "student" and scenes.modality != "ms":
         raise C.UserError(f"a student reads Sentinel-2 bands, --data {name} is RGB; pass "
                           + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
-    own = [r for r in records if C.trained_on(r["record"], scenes, r["train_scenes"]())]
+    own = [r for r in records if C.trained_on(r["record"], scenes)]
     seeds = {r["seed"] for r in own}
     if own and args.split == "all":
         raise C.UserError(f"--split all would evaluate {own[0]['path']} on the scenes it was trained on ({name}); "

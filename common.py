@@ -42,13 +42,43 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM: the stage stops where it is (see Session)."""
 
 
+class QuietPipe:
+    """sys.stdout that lets a run finish when its reader goes away (`python 03_eval.py | head`):
+    the rest of the output goes to /dev/null, the work and its files are not lost."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.drop()
+
+    def drop(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # the pending output and all later output go nowhere
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 class Session:
     """What a stage's main() runs in, so that it ends the same way wherever it stops:
     - UserError: one line `error: ...` and exit code 2 (the traceback with --debug);
     - Ctrl-C or SIGTERM, at any moment: one line saying what was saved and how to go on
       (`on_stop`, a text or a function, kept up to date by the stage) and exit code 130. Inside `deferred()` (a training
       loop) a signal only sets `stop_requested`: the loop finishes its step and saves last.pt first;
-    - the locks on run folders (lock_run_dir) are released."""
+    - the locks on run folders (lock_run_dir) are released;
+    - output piped into a reader that stops early (`| head`) does not stop the run (QuietPipe)."""
 
     def __init__(self, debug=False):
         self.debug, self.stop_requested, self.defer, self.locks = debug, None, False, []
@@ -56,6 +86,7 @@ class Session:
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.stdout, sys.stdout = sys.stdout, QuietPipe(sys.stdout)
         return self
 
     def handle(self, signum, frame):
@@ -77,6 +108,8 @@ class Session:
     def __exit__(self, kind, error, tb):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        sys.stdout.flush()
+        sys.stdout = self.stdout
         for lock in self.locks:
             lock.close()  # closing the file releases its flock
         self.locks = []
@@ -313,8 +346,7 @@ def scene_set(dataset, root):
     """Which scenes a data set's files show, as a name: 'eurosat' for both EuroSAT entries (one
     set of scenes as jpgs and as tifs), 'bigearthnet' for its 19-, 43- and 5-class entries, the
     folder's real path for a class folder (the same folder read as --data folder or resisc45 is
-    the same scenes). A checkpoint trained on one is held to its split on all of them; see also
-    trained_on(), which compares the scene ids themselves."""
+    the same scenes). A checkpoint trained on one is held to its split on all of them."""
     return DATA[dataset].scenes or os.path.realpath(root)
 
 
@@ -1009,12 +1041,13 @@ def trained_scenes(record):
     return record.get("scenes") or scene_set(record["dataset"], record.get("root") or DATA[record["dataset"]].root or "")
 
 
-def trained_on(record, scenes, train_ids=()):
+def trained_on(record, scenes):
     """Whether a checkpoint (its patched.json or student record) was trained on these scenes: the
-    same scene set (scene_set), or any scene id among its training scenes `train_ids` (the same
-    files read under another data-set name, e.g. EuroSAT's jpgs as --data folder)."""
+    same scene set (scene_set), or the same folder read under another data-set name (e.g. a
+    RESISC45 folder as --data folder). Scene ids alone do not decide: another folder may name its
+    files as EuroSAT does."""
     return trained_scenes(record) == scene_set(scenes.dataset, scenes.root) or \
-        (bool(train_ids) and any(scene_id(f) in train_ids for f in scenes.files))
+        (bool(record.get("root")) and os.path.realpath(record["root"]) == os.path.realpath(scenes.root))
 
 
 def head_prompts(scenes, records=(), path=None):

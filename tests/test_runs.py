@@ -206,3 +206,18 @@ def test_help_answers_before_torch_is_imported(script):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--data" in done.stdout and "default" in done.stdout
     assert not re.search(r"\|\s+torch\s*$", done.stderr, re.M), "torch was imported before --help answered"
+
+
+def test_output_into_a_reader_that_stops_early_does_not_stop_the_run(tmp_path):
+    """`python 03_eval.py ... | head -1`: no BrokenPipeError traceback, exit 0, metrics and pictures written."""
+    from conftest import make_eurosat_ms, tiny_patch_args
+    root = make_eurosat_ms(tmp_path / "ms", per_class=4)
+    patch.main(tiny_patch_args(root, tmp_path / "patch", "eurosat_ms", "--epochs", "1", "--no-plots"))
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "03_eval.py"), "--ckpt", str(tmp_path / "patch"),
+                            "--out", str(tmp_path / "eval"), "--results", str(tmp_path / "r.jsonl"), "--workers", "0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run.stdout.readline()
+    run.stdout.close()  # the reader goes away, as head does
+    err = run.stderr.read()
+    assert run.wait(timeout=300) == 0 and "Traceback" not in err, err
+    assert os.path.isfile(tmp_path / "eval" / "metrics.json") and len(open(tmp_path / "r.jsonl").readlines()) == 1

@@ -335,18 +335,23 @@ def test_stage1_and_stage2_record_the_prompts_file(ms_root, tmp_path):
 # ============================================================================ found in review
 
 
-def test_the_same_files_under_another_data_set_name_are_still_trained_on(patched_run, tmp_path, capsys):
-    """EuroSAT scenes read as --data folder are the patched CLIP's training scenes (their ids are
-    in train_scenes.txt): held to its split, and --split all is refused."""
+def test_the_same_folder_under_another_data_set_name_is_still_trained_on(patched_run, tmp_path, capsys):
+    """A CLIP patched on a class folder (--data folder) meets that folder as --data resisc45: the
+    same scenes, held to its split, --split all refused. A different folder whose files happen to be
+    named like the training scenes is a transfer."""
     from conftest import make_eurosat_rgb
-    root = os.path.join(make_eurosat_rgb(tmp_path / "rgb"), "eurosat", "2750")
-    (row,) = run_eval(tmp_path, "--ckpt", patched_run["ckpt"], "--data", f"folder={root}", "--no-plots")
-    meta = json.load(open(os.path.join(patched_run["ckpt"], "patched.json")))
-    assert row["case/clip_rgb"] == "trained on" and row["split_seed"] == meta["split_seed"]
-    line = user_error(capsys, ["--ckpt", patched_run["ckpt"], "--data", f"folder={root}", "--split", "all",
+    root = make_folder(tmp_path / "rs", ["baseball_diamond", "beach"], per_class=10)
+    load_stage("01_patch_clip.py").main(tiny_patch_args(root, tmp_path / "patch", "folder", "--epochs", "1",
+                                                        "--split-seed", "3", "--no-plots"))
+    (row,) = run_eval(tmp_path, "--ckpt", str(tmp_path / "patch"), "--data", f"resisc45={root}/", "--no-plots")
+    assert row["case/clip_rgb"] == "trained on" and row["split_seed"] == 3
+    line = user_error(capsys, ["--ckpt", str(tmp_path / "patch"), "--data", f"resisc45={root}", "--split", "all",
                                "--out", str(tmp_path / "all")])
     assert "--split test" in line and not os.path.exists(tmp_path / "all")
-    assert C.scene_set("folder", root) == C.scene_set("resisc45", root + "/")  # one folder, one set of scenes
+    lookalike = os.path.join(make_eurosat_rgb(tmp_path / "rgb"), "eurosat", "2750")  # ids as patched_run's tifs
+    (row,) = run_eval(tmp_path / "b", "--ckpt", patched_run["ckpt"], "--data", f"folder={lookalike}", "--split",
+                      "all", "--no-plots")
+    assert row["case/clip_rgb"] == "transfer" and row["split"] == "all"
 
 
 def test_a_students_teacher_meets_its_own_data_with_its_own_prompts(ms_root, tmp_path):
