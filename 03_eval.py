@@ -33,7 +33,6 @@ import datetime
 import json
 import math
 import os
-from dataclasses import replace
 
 CKPT_HINT = ("pass --ckpt OUT, the run folder of 01_patch_clip.py (a patched CLIP) or of 02_align_s2.py (a "
              "student, or its student.pt), or leave out --ckpt and pass --model/--pretrained for an un-patched CLIP")
@@ -278,7 +277,7 @@ def read_checkpoint(args):
 
 def trainings(args, kind, info, clip_meta):
     """What each evaluated model was trained on, the CLIP first: [{path, encoder, dataset, root,
-    scenes, seed, train_scenes, record}], train_scenes a function returning the set of scene ids
+    seed, train_scenes, record}], train_scenes a function returning the set of scene ids
     (read only when needed), record its patched.json or student record. None for the baseline."""
     out = []
     if clip_meta is not None:
@@ -295,7 +294,7 @@ def trainings(args, kind, info, clip_meta):
                     "train_scenes": lambda: set(info.get("train_scenes", ()))})
     for t in out:
         r = t["record"]
-        t.update(dataset=r["dataset"], root=r.get("root"), scenes=C.trained_scenes(r), seed=r["split_seed"])
+        t.update(dataset=r["dataset"], root=r.get("root"), seed=r["split_seed"])
     return out
 
 
@@ -346,10 +345,10 @@ def plan_split(name, root, args, kind, records):
     if own and args.split_seed is not None and args.split_seed != seed and not C.DATA[name].official_splits:
         raise C.UserError(f"--split-seed {args.split_seed} differs from the seed {seed} that {own[0]['path']} was "
                           f"trained with: its {args.split} split would overlap the training images; drop --split-seed")
-    split = scenes if args.split == "all" else scenes.subset(C.split_indices(scenes, seed)[args.split], args.split)
+    split = C.take_split(scenes, args.split, seed)
     # one head for every encoder: the prompts the student, else its teacher, was trained with on these
     # scenes, else the data set's own (or --prompts)
-    split = replace(C.head_prompts(split, [r["record"] for r in reversed(own)], args.prompts), seed=seed)
+    split = C.head_prompts(split, [r["record"] for r in reversed(own)], args.prompts)
     if not split.files:
         other = [s for s in ("test", "val", "all") if s != args.split and (s != "all" or not own)]
         raise C.UserError(f"the {args.split} split of {name} in {scenes.root} is empty; pass --split "

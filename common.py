@@ -1,11 +1,12 @@
 """What two or more stages of rsclip-align share.
 
 Sections, in the order the data flows:
-  errors        UserError: one clear line and exit code 2 for bad input
+  errors        UserError (one clear line, exit code 2) and Session: how every stage ends, on bad
+                input, Ctrl-C/SIGTERM or a reader that stops early
   data          class names, prompt templates, file lists, splits, readers, packed cache
   transforms    the RGB composite and the per-modality device-side preprocessing
   models        open_clip loading, the zero-shot head and its logits
-  run folders   atomic writes, run metadata, resumable training state, stop signals
+  run folders   atomic writes, the run-folder lock, run metadata, resumable training state
   plots         the pictures of a run, drawn from the JSON it wrote (matplotlib, optional)
 """
 import contextlib
@@ -379,12 +380,16 @@ def split_indices(scenes, seed):
     return {split: np.flatnonzero(names == split) for split in SPLIT_FRACTIONS}
 
 
-def load_split(dataset, root, split, seed, download=False):
-    """The scenes of one split ('train', 'val', 'test', or 'all' of them) of a data set."""
-    scenes = list_scenes(dataset, root, download)
+def take_split(scenes, split, seed):
+    """One split ('train', 'val', 'test', or 'all' of them) of listed scenes."""
     if split == "all":
         return replace(scenes, seed=seed)
     return replace(scenes.subset(split_indices(scenes, seed)[split], split), seed=seed)
+
+
+def load_split(dataset, root, split, seed, download=False):
+    """The scenes of one split ('train', 'val', 'test', or 'all' of them) of a data set."""
+    return take_split(list_scenes(dataset, root, download), split, seed)
 
 
 def per_class_subset(scenes, n, seed):
