@@ -47,7 +47,8 @@ def parse_args():
     p.add_argument("--input-size", type=int, default=None, help="student input side (default: the model's, 224)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     p.add_argument("--steps", type=int, default=None, help="timed model steps (default: 20 on GPU, 2 on CPU)")
-    p.add_argument("--workers", type=int, default=C.default_workers(), help="loader processes (default: one per core)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="loader processes (default: one per core, up to 8)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--bigearthnet", type=int, default=0, metavar="N",
                    help="benchmark N generated BigEarthNet-layout patches instead of --root (default: 0, off)")
@@ -78,8 +79,7 @@ def sync(device):
 
 def loader_rate(dataset, args, device, max_images=None):
     """Images/s of the loader alone (the first batch, which starts the workers, is not timed)."""
-    loader = iter(C.batch_loader(dataset, args.batch_size, shuffle=True, workers=args.workers,
-                                 pin_memory=device.type == "cuda"))
+    loader = C.batch_loader(dataset, args.batch_size, shuffle=True, workers=args.workers)  # pins memory on CUDA
     next(loader)
     n, start = 0, time.perf_counter()
     for batch in loader:
@@ -101,8 +101,8 @@ def step_rates(step, dataset, args, device):
         step(on_device)
     sync(device)
     b = args.steps * args.batch_size / (time.perf_counter() - start)
-    loader = iter(C.batch_loader(dataset, args.batch_size, shuffle=True, workers=args.workers,
-                                 drop_last=True, pin_memory=device.type == "cuda"))
+    # main() lists at least (steps + 2) batches of images: the steps + 1 batches taken here are all whole
+    loader = C.batch_loader(dataset, args.batch_size, shuffle=True, workers=args.workers)
     step(next(loader))
     sync(device)
     start = time.perf_counter()
@@ -117,7 +117,10 @@ def main():
     args = parse_args()
     device = C.pick_device(args.device)
     args.steps = args.steps or (20 if device.type == "cuda" else 2)
-    C.describe_run(args, device)
+    import open_clip
+    import timm
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device} | torch "
+          f"{torch.__version__} open_clip {open_clip.__version__} timm {timm.__version__}")
     if args.bigearthnet:
         args.root = tempfile.mkdtemp(prefix="bigearthnet-benchmark-")
         atexit.register(shutil.rmtree, args.root, True)

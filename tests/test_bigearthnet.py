@@ -172,10 +172,11 @@ def test_bad_patches_are_named_and_skippable(tmp_path):
     assert "(60, 60)" in reasons[str(tmp_path / train[2])] and f"{train[2]}_B05.tif" in reasons[str(tmp_path / train[2])]
     assert "Lunar regolith" in reasons[str(tmp_path / train[3])] and "labels_metadata.json" in reasons[str(tmp_path / train[3])]
     with pytest.raises(C.UserError, match=f"{train[1]}.*B8A.*--skip-bad-files"):
-        C.check_bad_files(batch, skip_bad_files=False)
-    counted = {}
-    C.check_bad_files(batch, skip_bad_files=True, counter=counted)
-    assert len(counted) == 3
+        list(C.batch_loader(C.open_images(scenes), 2))  # the first bad file stops the run, named
+    skipping = C.open_images(scenes, skip_bad_files=True)
+    batches = list(C.batch_loader(skipping, 2))  # [0, 1], [2, 3] (both bad: no batch), [4]
+    assert [b["index"].tolist() for b in batches] == [[0], [4]] and all("bad" not in b for b in batches)
+    assert skipping.skipped == reasons
 
 
 def test_bigearthnet_v2_and_empty_roots_are_refused(tmp_path):

@@ -58,7 +58,8 @@ def test_a_resnet_clip_is_patched_and_evaluated(tiny_resnet, tmp_path):
                    "--results", str(tmp_path / "results.jsonl")])
     evaluate.main(["--model", tiny_resnet, "--pretrained", "none", "--data", "eurosat_ms", "--root", str(root),
                    "--workers", "0", "--out", str(tmp_path / "baseline"), "--results", str(tmp_path / "results.jsonl")])
-    assert len(C.read_jsonl(tmp_path / "results.jsonl")) == 2
+    with open(tmp_path / "results.jsonl") as f:
+        assert len([json.loads(line) for line in f]) == 2
 
 
 def test_clip_input_takes_an_int_size_and_each_resize_mode():
@@ -127,6 +128,10 @@ def test_uncached_weights_while_offline_fail_fast_in_one_line(monkeypatch, tiny_
     message = str(e.value)
     assert "\n" not in message and "huggingface.co" in message and "--pretrained FILE" in message
     assert f"--model {TINY_CLIP}-quickgelu" in message  # OpenAI-style weights need the QuickGELU config
+    monkeypatch.setitem(pretrained._PRETRAINED, TINY_CLIP, {"hubtag": {"hf_hub": "nobody/not-cached-here/"}})
+    with pytest.raises(C.UserError) as e:
+        C.load_clip(TINY_CLIP, "hubtag")
+    assert "--pretrained FILE" in str(e.value) and "quickgelu" not in str(e.value)  # other weights: no such hint
 
 
 # ----------------------------------------------------------------------------- student checkpoints
@@ -153,7 +158,7 @@ def test_moco_checkpoint_loads_the_base_encoder(teacher_folder, tmp_path):
     result = align.main(["--teacher", teacher_folder["folder"], "--root", teacher_folder["root"], *TINY_STUDENT,
                          "--epochs", "1", "--max-steps", "0", "--workers", "0", "--student-weights",
                          str(tmp_path / "moco.pth"), "--student-weights-bands", "eurosat", "--out", str(tmp_path / "a")])
-    init, _ = C.load_student(str(tmp_path / "a" / "student_init.pt"))
+    init = evaluate.load_student(str(tmp_path / "a" / "student_init.pt"))
     for k, v in base.items():
         assert torch.equal(init.backbone.state_dict()[k], v), k
 
@@ -178,21 +183,24 @@ def test_dino_checkpoint_loads_its_teacher(teacher_folder, tmp_path):
     align.main(["--teacher", teacher_folder["folder"], "--root", teacher_folder["root"], *TINY_STUDENT,
                 "--epochs", "1", "--max-steps", "0", "--workers", "0", "--student-weights", str(tmp_path / "dino.pth"),
                 "--student-weights-bands", "eurosat", "--out", str(tmp_path / "c")])
-    init, _ = C.load_student(str(tmp_path / "c" / "student_init.pt"))
+    init = evaluate.load_student(str(tmp_path / "c" / "student_init.pt"))
     assert all(torch.equal(init.backbone.state_dict()[k], v) for k, v in teacher_weights.items())
 
 
 def test_a_last_training_batch_of_one_image_is_left_out():
     """BatchNorm (ResNet CLIPs, CNN students) cannot train on one image: 13 images in batches of 4
     give 3 training batches (4, 4, 4), 14 give 4 (4, 4, 4, 2); evaluation keeps every image."""
-    class Indices(torch.utils.data.Dataset):  # a batch is the list of its indices
+    class Indices(torch.utils.data.Dataset):  # a batch is its indices (as ImageFiles': 'index' and 'bad')
+        def __init__(self, n):
+            self.n = n
+
         def __len__(self):
-            return 13
+            return self.n
 
         def __getitem__(self, indices):
-            return indices
-    dataset = Indices()
+            return {"index": torch.tensor(indices), "bad": []}
     assert C.training_batches(13, 4) == 3 and C.training_batches(14, 4) == 4 and C.training_batches(12, 4) == 3
-    train = list(C.batch_loader(dataset, 4, shuffle=True, seed=0))
-    assert [len(b) for b in train] == [4, 4, 4]
-    assert sum(len(b) for b in C.batch_loader(dataset, 4)) == 13
+    train = list(C.batch_loader(Indices(13), 4, shuffle=True, seed=0))
+    assert [len(b["index"]) for b in train] == [4, 4, 4]
+    assert [len(b["index"]) for b in C.batch_loader(Indices(14), 4, shuffle=True, seed=0)] == [4, 4, 4, 2]
+    assert sum(len(b["index"]) for b in C.batch_loader(Indices(13), 4)) == 13
