@@ -228,12 +228,12 @@ def run(args):
     identity = C.run_identity(args, train_files_sha256=C.sha256_of(train.files))
 
     with C.run_folder(args.out, STAGE, args.resume, args.overwrite) as work:
-        C.write_json(os.path.join(work, "args.json"), C.describe_run(args, device, STAGE))
         start_epoch, step, history = 0, 0, []
-        if args.resume:
+        if args.resume:  # checked before anything is written: a refused resume leaves the stopped run as it was
             start_epoch, step, history = C.load_checkpoint(work, identity, visual=model.visual, optimizer=optimizer,
                                                            scheduler=scheduler)
             print(f"resumed {work}/last.pt after epoch {start_epoch - 1} (step {step} of {total_steps})")
+        C.write_json(os.path.join(work, "args.json"), C.describe_run(args, device, STAGE))
 
         # -------------------------------------------------------------- fine-tuning
         print(f"fine-tuning {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")

@@ -274,15 +274,15 @@ def run(args):
     identity = C.run_identity(args, train_files_sha256=C.sha256_of(train.files), teacher_sha256=meta["weights_sha256"])
 
     with C.run_folder(args.out, STAGE, args.resume, args.overwrite) as work:
-        C.write_json(os.path.join(work, "args.json"), C.describe_run(args, device, STAGE))
         start_epoch, step, history = 0, 0, []
-        if args.resume:
+        if args.resume:  # checked before anything is written: a refused resume leaves the stopped run as it was
             start_epoch, step, history = C.load_checkpoint(work, identity, student=student, optimizer=optimizer,
                                                            scheduler=scheduler)
             print(f"resumed {work}/last.pt after epoch {start_epoch - 1} (step {step} of {total_steps})")
         else:
             C.save_torch(os.path.join(work, "student_init.pt"), student_record(student, args.student, meta,
                                                                               args.teacher, train))
+        C.write_json(os.path.join(work, "args.json"), C.describe_run(args, device, STAGE))
         train_targets = teacher_embeddings(teacher, meta, train_ds, device, args)
         val_targets = teacher_embeddings(teacher, meta, val_ds, device, args)
 

@@ -706,20 +706,21 @@ def run(args):
     for (scenes, case), dataset, out in zip(plans, datasets, outs):
         try:
             with C.run_folder(out, STAGE, overwrite=args.overwrite) as work:
-                row = evaluate(scenes, case, dataset, work, models, args, kind, device)
+                append_jsonl(args.results, evaluate(scenes, case, dataset, work, models, args, kind, device))
+            done.append(scenes.dataset)
+            print(f"\nwrote {out}/metrics.json; appended to {args.results}")
+            if not args.no_plots:
+                C.draw_pictures(out, pictures(out), args.debug)
+            print()  # a blank line before the next data set
         except (C.UserError, KeyboardInterrupt) as e:  # e.g. an unreadable image: the finished data sets stay
-            rest = " ".join(f"{s.dataset}={s.root}" for s, _ in plans[len(done):])
-            note = f"finished before it: {', '.join(done)}; go on with --data {rest}" if done else \
-                f"{out} was not written; run the same command again"
-            if done or not str(e):
-                raise type(e)(f"{e}; {note}" if str(e) else note) from None
-            raise
-        append_jsonl(args.results, row)
-        print(f"\nwrote {out}/metrics.json; appended to {args.results}")
-        if not args.no_plots:
-            C.draw_pictures(out, pictures(out), args.debug)
-        print()  # a blank line before the next data set
-        done.append(scenes.dataset)
+            rest = plans[len(done):]
+            go_on = " ".join(f"{s.dataset}={s.root}" for s, _ in rest) + (
+                f" --out {outs[len(done)]}" if args.out and len(plans) > 1 and len(rest) == 1 else "")
+            note = f"finished before it: {', '.join(done)}; go on with --data {go_on}" if rest else \
+                f"every data set finished ({', '.join(done)})"
+            if not done:
+                note = f"{out} was not written; run the same command again"
+            raise type(e)(f"{e}; {note}" if str(e) else note) from None
 
 
 if __name__ == "__main__":

@@ -962,7 +962,7 @@ def run_stage(run, args):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt as e:
-        print(f"stopped: {e or 'nothing was saved'}", file=sys.stderr)
+        print(f"stopped: {str(e) or 'nothing was saved'}", file=sys.stderr)
         raise SystemExit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -1016,7 +1016,7 @@ def run_folder(out, stage, resume=False, overwrite=False):
             raise
         if not isinstance(e, (UserError, KeyboardInterrupt)):
             raise
-        kept = f"the last finished epoch is kept in {work}/last.pt: go on with the same command and --resume"
+        kept = f"the last finished epoch is kept in {work}/last.pt: --resume with the same flags continues it"
         raise type(e)(f"{e}; {kept}" if str(e) else kept) from None
     if os.path.exists(os.path.join(work, "last.pt")):  # finished: nothing left to resume
         os.remove(os.path.join(work, "last.pt"))
@@ -1149,7 +1149,8 @@ def cosine_schedule(optimizer, total_steps, warmup_steps):
 
 def check_finite(loss, step):
     if not torch.isfinite(loss):
-        raise UserError(f"loss became {loss.item()} at step {step}; lower --lr or check the data")
+        raise UserError(f"loss became {loss.item()} at step {step}; check the data, or start afresh with a lower "
+                        f"--lr (--overwrite)")
 
 
 def new_figure(width, height, ncols=1, **subplots):
@@ -1171,6 +1172,8 @@ def draw_pictures(folder, pictures, debug=False):
             figure = plot(folder)
             write_atomic(os.path.join(folder, name), lambda tmp: figure.savefig(tmp, format="png"))
             print(f"plots: wrote {os.path.join(folder, name)}")
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{folder} is saved, its pictures are not; draw them with --redraw {folder}")
         except Exception as e:
             if debug:
                 raise

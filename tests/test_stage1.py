@@ -52,6 +52,11 @@ def interpolated(theta_0, theta_1, alpha):
     return {k: (1 - alpha) * theta_0[k] + alpha * theta_1[k] for k in theta_0}
 
 
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def state_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -187,7 +192,7 @@ def test_finetuning_lowers_the_training_loss(patched_run):
     model.visual.load_state_dict(load(os.path.join(patched_run["out"], "finetuned.pt")))
     after = loss()
     assert after < 0.8 * before, (before, after)
-    log = C.read_jsonl(os.path.join(patched_run["out"], "log.jsonl"))
+    log = read_log(os.path.join(patched_run["out"], "log.jsonl"))
     assert [row["epoch"] for row in log] == [0, 1] and [row["step"] for row in log] == [3, 6]
     assert log[1]["train_loss"] < log[0]["train_loss"]
 
@@ -234,7 +239,7 @@ def test_alpha_rule_takes_the_best_mean_and_the_smaller_alpha_on_ties(tmp_path, 
     root = small_ms(tmp_path)
     make_eurosat_rgb(tmp_path / "control", per_class=6, classes=["beach", "glacier"], size=32)
     scripted = [0.2, 0.9, 0.9, 0.5, 0.95, 0.45]  # (task, control) at alpha 0, 0.5, 1: means 0.55, 0.7, 0.7
-    monkeypatch.setattr(stage, "zeroshot_score", lambda *args: ("acc", scripted.pop(0)))
+    monkeypatch.setattr(C, "zeroshot_score", lambda *args: ("acc", scripted.pop(0)))
     out = tmp_path / "out"
     stage.main(tiny_patch_args(root, out, "eurosat_ms", "--control", "folder",
                                "--control-root", str(tmp_path / "control" / "eurosat" / "2750")))
@@ -346,7 +351,7 @@ def test_finished_run_needs_overwrite_and_the_same_command_gives_the_same_run(pa
     assert json.load(open(out / "metrics.json")) == json.load(open(os.path.join(patched_run["out"], "metrics.json")))
     assert state_equal(load(out / "finetuned.pt"), load(os.path.join(patched_run["out"], "finetuned.pt")))
     assert state_equal(patched_weights(out), patched_weights(patched_run["out"]))
-    assert C.read_jsonl(out / "log.jsonl") == C.read_jsonl(os.path.join(patched_run["out"], "log.jsonl"))
+    assert read_log(out / "log.jsonl") == read_log(os.path.join(patched_run["out"], "log.jsonl"))
 
 
 def test_skip_bad_files_skips_a_corrupt_tif_and_records_it(tmp_path, capsys):
@@ -372,69 +377,83 @@ def test_cache_refuses_a_corrupt_tif_even_with_skip_bad_files(tmp_path, capsys):
 # ----------------------------------------------------------------------------- NaN, interruption, resume
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    root, out = small_ms(tmp_path), tmp_path / "out"
+def test_nan_loss_stops_naming_the_step_and_never_loses_a_finished_run(patched_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(patched_run["out"], out)  # a finished run (3 steps an epoch)
+    finished = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
     calls = []
     logits = C.zeroshot_logits
 
-    def nan_at_third_step(features, head, logit_scale):
+    def nan_at_fifth_step(features, head, logit_scale):
         calls.append(1)
         result = logits(features, head, logit_scale)
-        return result * float("nan") if len(calls) == 3 else result
-    monkeypatch.setattr(C, "zeroshot_logits", nan_at_third_step)
-    message = expect_error(capsys, tiny_patch_args(root, out, "eurosat_ms", "--batch-size", "4", "--save-every", "1"),
-                           "step 2", "last.pt", "--lr", out=out)
+        return result * float("nan") if len(calls) == 5 else result
+    monkeypatch.setattr(C, "zeroshot_logits", nan_at_fifth_step)
+    message = expect_error(capsys, tiny_patch_args(patched_run["root"], out, "eurosat_ms", "--overwrite", "--seed", "1"),
+                           "step 4", "--lr", "last.pt")
     assert "nan" in message
-    last = load(out / "last.pt")
-    assert (last["step"], last["epoch"], last["batch_in_epoch"]) == (2, 0, 2)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == finished  # the finished run
+    last = load(f"{out}.partial/last.pt")  # the end of epoch 0, the last good state
+    assert (last["step"], last["epoch"]) == (3, 0) and last["identity"]["seed"] == 1
     assert all(torch.isfinite(v).all() for v in last["visual"].values() if v.is_floating_point())
-    assert not os.path.exists(out / "finetuned.pt")
+    assert not os.path.exists(f"{out}.partial/finetuned.pt")
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, monkeypatch):
+    """A real SIGTERM in epoch 1 (mid-epoch: that epoch is done again), then one in the alpha sweep (the
+    sweep is done again): each resume continues from the last finished epoch, to the uninterrupted run."""
     root = small_ms(tmp_path)
     argv = lambda out, *extra: tiny_patch_args(root, out, "eurosat_ms", "--batch-size", "4", "--alphas", "0", "1",
-                                               *extra)  # 3 steps an epoch, 6 in all
+                                               "--no-plots", *extra)  # 3 steps an epoch, 6 in all
     stage.main(argv(tmp_path / "whole"))
-    stop_at = {1, 2}  # SIGTERM while step 1 (0-based) runs, i.e. mid-epoch, and again at the end of epoch 0
-    clip_input = C.clip_input
+    out, partial = tmp_path / "parts", tmp_path / "parts.partial"
 
-    def sigterm_during(raw, cfg, device, flip_seed_step=None, **kw):
-        if flip_seed_step is not None and flip_seed_step[1] in stop_at:
-            stop_at.discard(flip_seed_step[1])
-            signal.raise_signal(signal.SIGTERM)
-        return clip_input(raw, cfg, device, flip_seed_step, **kw)
-    monkeypatch.setattr(C, "clip_input", sigterm_during)
-    out = tmp_path / "parts"
-    for expected_position in ((2, 0, 2), (3, 0, 3)):  # (step, epoch, batches done in it) of last.pt
+    def sigterm_at(n, module, name):
+        original, calls = getattr(module, name), []
+
+        def wrapper(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                signal.raise_signal(signal.SIGTERM)
+            return original(*a, **k)
+        monkeypatch.setattr(module, name, wrapper)
+    for n, module, name in ((5, C, "check_finite"), (2, C, "zeroshot_score")):  # step 4 (epoch 1); the 2nd alpha
+        sigterm_at(n, module, name)
         with pytest.raises(SystemExit) as e:
-            stage.main(argv(out, *(["--resume"] if expected_position[0] > 2 else [])))
-        assert e.value.code == 130 and "--resume" in capsys.readouterr().err
-        last = load(out / "last.pt")
-        assert (last["step"], last["epoch"], last["batch_in_epoch"]) == expected_position
-        assert not os.path.exists(out / "patched.json")
-        if expected_position[0] == 2:  # other settings than the run's are refused
+            stage.main(argv(out, *(["--resume"] if name == "zeroshot_score" else [])))
+        monkeypatch.undo()
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and err.startswith("stopped: ") and err.count("\n") == 1, err
+        assert f"{partial}/last.pt" in err and "--resume" in err
+        last = load(partial / "last.pt")
+        assert (last["step"], last["epoch"]) == ((3, 0) if name == "check_finite" else (6, 1))
+        assert [r["epoch"] for r in read_log(partial / "log.jsonl")] == list(range(last["epoch"] + 1))
+        assert not os.path.exists(out) and not os.path.exists(partial / "patched.json")
+        if name == "check_finite":  # other settings than the run's are refused
             expect_error(capsys, argv(out, "--resume", "--lr", "0.01"), "--lr")
             expect_error(capsys, argv(out, "--resume", "--grad-clip", "0.5"), "--grad-clip")
     stage.main(argv(out, "--resume"))
     assert state_equal(load(out / "finetuned.pt"), load(tmp_path / "whole" / "finetuned.pt"))
+    assert state_equal(patched_weights(out), patched_weights(tmp_path / "whole"))
     assert json.load(open(out / "metrics.json")) == json.load(open(tmp_path / "whole" / "metrics.json"))
-    assert patched_weights(out).keys() == patched_weights(tmp_path / "whole").keys()
-    assert not os.path.exists(out / "last.pt")
+    assert read_log(out / "log.jsonl") == read_log(tmp_path / "whole" / "log.jsonl")
+    assert json.load(open(out / "patched.json")) == json.load(open(tmp_path / "whole" / "patched.json"))
+    assert not os.path.exists(out / "last.pt") and not os.path.exists(partial)
 
 
 def test_quickgelu_weights_are_recorded_under_the_name_that_rebuilds_them(tmp_path):
     """OpenAI's weights need QuickGELU, which a state dict cannot carry: patched.json names open_clip's
     '-quickgelu' config, so create_model_and_transforms(meta['model'], pretrained=path) gives the same model."""
     import open_clip
-    assert C.open_clip_name("rsclip-tiny", True) == "rsclip-tiny-quickgelu"
-    assert C.open_clip_name("rsclip-tiny", False) == "rsclip-tiny"
-    assert C.open_clip_name("ViT-B-32", True) == "ViT-B-32-quickgelu"
+    assert stage.open_clip_name("rsclip-tiny", True) == "rsclip-tiny-quickgelu"
+    assert stage.open_clip_name("rsclip-tiny", False) == "rsclip-tiny"
+    assert stage.open_clip_name("ViT-B-32", True) == "ViT-B-32-quickgelu"
     torch.manual_seed(0)
     model = open_clip.create_model("rsclip-tiny", force_quick_gelu=True).eval()
     torch.save(model.state_dict(), tmp_path / "w.pt")
     x = torch.rand(2, 3, 32, 32)
-    same, _, _ = open_clip.create_model_and_transforms(C.open_clip_name("rsclip-tiny", True), pretrained=str(tmp_path / "w.pt"))
+    same, _, _ = open_clip.create_model_and_transforms(stage.open_clip_name("rsclip-tiny", True),
+                                                       pretrained=str(tmp_path / "w.pt"))
     plain, _, _ = open_clip.create_model_and_transforms("rsclip-tiny", pretrained=str(tmp_path / "w.pt"))
     with torch.no_grad():
         assert torch.equal(same.eval().encode_image(x), model.encode_image(x))
