@@ -214,7 +214,6 @@ def run(args):
 
     # ------------------------------------------------------------------ model, zero-shot heads, optimizer
     model, tokenizer, clip_config = C.load_clip(args.model, args.pretrained, device)
-    preprocess_cfg = model.visual.preprocess_cfg  # the tag's (or the local-dir's) own preprocessing
     head = C.zeroshot_head(model, tokenizer, train.classnames, train.templates, device)
     control_head = C.zeroshot_head(model, tokenizer, control.classnames, control.templates, device) if control else None
     model.requires_grad_(False)  # everything frozen but the image tower
@@ -248,19 +247,19 @@ def run(args):
         C.save_torch(os.path.join(work, "finetuned.pt"), theta_finetuned)
 
         # -------------------------------------------------------------- patching: the alpha sweep
-        encoders = lambda pixels: {"clip": C.clip_encoder(model, pixels, device)}  # noqa: E731
+        def score(dataset, head):  # the zero-shot metric of the model on a split: (name, value)
+            features, labels, _ = C.embed(dataset, {"clip": C.clip_encoder(model, dataset.scenes.pixels, device)},
+                                          device, args.batch_size, args.workers)
+            return C.zeroshot_score(features["clip"], labels, head, model.logit_scale)
         rows = []
         print(f"{'alpha':>6} {'task':>8} {'control':>8}  (accuracy; mAP for multi-label data)")
         for alpha in sorted(set(args.alphas) | ({args.alpha} if not control else set())):
             model.visual.load_state_dict(interpolate_weights(theta_zeroshot, theta_finetuned, alpha))
             model.eval()
-            features, labels, _ = C.embed(val_ds, encoders(val.pixels), device, args.batch_size, args.workers)
-            name, value = C.zeroshot_score(features["clip"], labels, head, model.logit_scale)
+            name, value = score(val_ds, head)
             rows.append({"alpha": alpha, f"task_{name}": value})
             if control:
-                features, labels, _ = C.embed(control_ds, encoders(control.pixels), device, args.batch_size,
-                                              args.workers)
-                name, value = C.zeroshot_score(features["clip"], labels, control_head, model.logit_scale)
+                name, value = score(control_ds, control_head)
                 rows[-1][f"control_{name}"] = value
             print(f"{alpha:6.2f} " + " ".join(f"{v:8.4f}" for k, v in rows[-1].items() if k != "alpha")
                   + ("" if control else f" {'-':>8}"))
@@ -284,7 +283,7 @@ def run(args):
             "pretrained": args.pretrained, "alpha": chosen, "dataset": args.data, "root": os.path.abspath(train.root),
             "scenes": C.scene_set(args.data, train.root), "classes": train.classes,
             "classnames": train.classnames, "templates": list(train.templates), "split_seed": args.split_seed,
-            "split_fractions": C.SPLIT_FRACTIONS, "preprocess_cfg": preprocess_cfg,
+            "split_fractions": C.SPLIT_FRACTIONS, "preprocess_cfg": model.visual.preprocess_cfg,
             "train_scenes": "train_scenes.txt", "train_scenes_sha256": C.sha256_of(os.path.join(work, "train_scenes.txt")),
             "weights": C.OPEN_CLIP_WEIGHTS, "weights_sha256": C.sha256_of(weights)})
     if skipped:

@@ -237,18 +237,16 @@ def run(args):
     teacher.requires_grad_(False)
     logit_scale = teacher.logit_scale.detach()
 
-    # ------------------------------------------------------------------ data (with the teacher's split seed)
-    # On the scenes the teacher was patched on, its split seed keeps its training scenes out of
-    # the student's validation split and out of stage 3's test split; other data sets use it too.
+    # ------------------------------------------------------------------ data, with the teacher's split seed: on the
+    # scenes the teacher was patched on, it keeps them out of the student's val and stage 3's test split
     train = C.load_split(args.data, args.root, "train", meta["split_seed"])
     if train.modality != "ms":
         raise C.UserError(f"the student reads Sentinel-2 bands, --data {args.data} is RGB; pass "
                           + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
     val = C.load_split(args.data, train.root, "val", meta["split_seed"])
-    if "train_scenes" in meta:  # the teacher chose alpha on these val scenes: it must not have trained on them
-        teacher_scenes = C.read_scenes(os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),
-                                       meta["train_scenes_sha256"])
-        C.check_held_out(val, teacher_scenes, f"--teacher {args.teacher}")
+    teacher_scenes = C.read_scenes(os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),
+                                   meta["train_scenes_sha256"])  # the teacher chose alpha on val: it never trained on it
+    C.check_held_out(val, teacher_scenes, f"--teacher {args.teacher}")
     # the CE term's prompts: the teacher's own on the scenes it was patched on, else the data set's (or --prompts)
     train = C.head_prompts(train, [meta] if C.trained_on(meta, train) else [], args.prompts)
     # the frozen text head W of the CE term: the teacher's text tower on this data set's prompts

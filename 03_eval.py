@@ -221,7 +221,7 @@ def read_checkpoint(args):
             raise C.UserError(f"--ckpt {args.ckpt} is a folder without patched.json or student.pt (it holds "
                               f"{', '.join(inside) or 'no checkpoint files'}); {CKPT_HINT}")
         args.ckpt = os.path.join(args.ckpt, "student.pt")
-    record = C.load_torch(args.ckpt, "--ckpt", CKPT_HINT)
+    record = C.load_torch(args.ckpt, "--ckpt", CKPT_HINT) if args.ckpt.endswith(".pt") else None
     if not isinstance(record, dict) or record.get("kind") != "rsclip-align/student":
         raise C.UserError(f"--ckpt {args.ckpt} is of an unknown kind; {CKPT_HINT}")
     args.teacher = args.teacher or record["teacher"]["path"]
@@ -411,7 +411,8 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
     # ------------------------------------------------------------------ save
     weights = args.ckpt or args.pretrained  # a student's file, or the baseline's weights file (none for a tag)
     weights_sha256 = C.sha256_of(weights) if os.path.isfile(weights) else None
-    setting = {"ckpt": os.path.abspath(args.ckpt) if args.ckpt else None, "ckpt_kind": kind,
+    ckpt = C.patched_folder(args.ckpt, "--ckpt") if kind == "patched" else args.ckpt  # a patched CLIP: its folder
+    setting = {"ckpt": os.path.abspath(ckpt) if ckpt else None, "ckpt_kind": kind,
                "ckpt_sha256": meta["weights_sha256"] if kind == "patched" else weights_sha256,
                "model": meta["model"] if meta else args.model, "pretrained": meta["pretrained"] if meta else args.pretrained,
                "teacher": os.path.abspath(args.teacher) if args.teacher else None,

@@ -112,7 +112,7 @@ def test_precision_at_k_breaks_ties_pessimistically():
 def test_text_to_image_on_known_embeddings():
     head = torch.eye(3)  # class c's query is axis c
     features = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0]])
-    targets = E.as_targets(torch.tensor([0, 0, 1]), 3)  # class 2 has no images: left out
+    targets = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 0]]).bool()  # class 2 has no images: left out
     result = E.text_to_image(head, features, targets, ["a", "b", "c"])
     assert result["mean_average_precision"] == 1.0
     assert result["precision_at_10"] == pytest.approx((2 / 3 + 1 / 3) / 2)
@@ -201,6 +201,22 @@ def test_cli_baseline_with_default_run_folder_and_log(patched_run, tmp_path, mon
     assert metrics["case"] == {"clip_rgb": "transfer"} and row["case/clip_rgb"] == "transfer"
     assert row["ckpt_sha256"] is None and row["pretrained"] == "none"
     assert 0 <= row["zeroshot/clip_rgb/acc1"] <= row["zeroshot/clip_rgb/acc5"] <= 1
+
+
+def test_a_file_of_a_stage1_folder_is_evaluated_as_what_it_is(patched_run, patched_eval, tmp_path, capsys):
+    """--ckpt OUT/finetuned.pt (the fine-tuned image tower, not the patched CLIP) is refused in one
+    line rather than silently evaluating the patched CLIP under that name; --ckpt
+    OUT/open_clip_model.safetensors, the patched CLIP's own weights, evaluates the patched CLIP."""
+    finetuned = os.path.join(patched_run["ckpt"], "finetuned.pt")
+    expect_user_error(capsys, ["--ckpt", finetuned, "--root", patched_run["root"], "--out", str(tmp_path / "ft"),
+                               "--results", str(tmp_path / "ft.jsonl")], finetuned, "unknown kind", "01_patch_clip.py")
+    assert not os.path.exists(tmp_path / "ft") and not os.path.exists(tmp_path / "ft.jsonl")
+    weights = os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS)
+    metrics, (row,) = cli(tmp_path, "--ckpt", weights, "--root", patched_run["root"], "--no-plots")
+    assert metrics["ckpt_kind"] == row["ckpt_kind"] == "patched"
+    assert metrics["ckpt_sha256"] == C.sha256_of(weights)  # the file's own hash: the weights evaluated
+    # the same CLIP as the run folder's evaluation: the same numbers on the same test split
+    assert metrics["metrics"] == patched_eval["metrics"]["metrics"]
 
 
 # ============================================================================ a student, end to end

@@ -1,7 +1,8 @@
 """Pictures: each stage draws its PNGs from the JSON it wrote (they open, at their fixed size, and
-redraw from the JSON alone); the PCA behind modality_gap.png against numpy's SVD; the confusion
-matrix against a hand count; every stage finishes with one line when matplotlib is missing; a
-picture that fails to draw costs one line, never the run; --no-plots draws nothing."""
+each stage's --redraw OUT draws them again from the JSON alone); the PCA behind modality_gap.png
+against numpy's SVD; the confusion matrix against a hand count; every stage finishes with one line
+when matplotlib is missing; a picture that fails to draw costs one line, never the run; --no-plots
+draws nothing."""
 import json
 import os
 import shutil
@@ -15,7 +16,10 @@ from conftest import TINY_STUDENT, load_stage, tiny_patch_args
 import common as C
 
 patch, align, evaluate = (load_stage(f) for f in ("01_patch_clip.py", "02_align_s2.py", "03_eval.py"))
-JSON_FILES = ("metrics.json", "args.json", C.PCA_JSON)
+PCA_JSON = "modality_gap_pca.json"
+JSON_FILES = ("metrics.json", "args.json", PCA_JSON)
+PIXELS = {"alpha.png": (800, 380), "training.png": (900, 300), "modality_gap.png": (900, 460),  # 100 dpi
+          "confusion.png": (900, 500), "per_class_ap.png": (800, 600), "summary.png": (800, 400)}
 
 
 def align_args(teacher, root, out, *extra, epochs=3):
@@ -39,8 +43,7 @@ def assert_picture(path):
         assert image.format == "PNG"
         size = image.size
         image.verify()
-    inches = C.FIGURE_INCHES[os.path.basename(path)]
-    assert size == (round(inches[0] * C.PLOT_DPI), round(inches[1] * C.PLOT_DPI)), (path, size)
+    assert size == PIXELS[os.path.basename(path)], (path, size)
 
 
 def plot_lines(capsys):
@@ -58,9 +61,11 @@ def runs(patched_run, tmp_path_factory):
             "root": patched_run["root"]}
 
 
-def test_each_stage_draws_its_pictures_and_they_redraw_from_the_json_alone(runs, tmp_path):
+def test_each_stage_draws_its_pictures_and_they_redraw_from_the_json_alone(runs, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the pictures need matplotlib (pip install matplotlib)")
     expected = {"patch": ["alpha.png"], "align": ["training.png"], "eval": ["confusion.png", "modality_gap.png"]}
+    stages = {"patch": patch, "align": align, "eval": evaluate}
+    capsys.readouterr()
     for stage, names in expected.items():
         assert pngs(runs[stage]) == names
         for name in names:
@@ -70,14 +75,16 @@ def test_each_stage_draws_its_pictures_and_they_redraw_from_the_json_alone(runs,
         for f in JSON_FILES:
             if os.path.exists(os.path.join(runs[stage], f)):
                 shutil.copy(os.path.join(runs[stage], f), copy)
-        assert sorted(os.path.basename(p) for p in C.plot_run(str(copy))) == names == pngs(copy)
+        stages[stage].main(["--redraw", str(copy)])
+        assert sorted(plot_lines(capsys)) == [f"plots: wrote {copy / name}" for name in names]
+        assert pngs(copy) == names
         for name in names:
             assert_picture(copy / name)
 
 
 def numpy_pca(x):
     """An independent PCA: numpy's SVD of the centred rows, each component's sign chosen so that
-    its largest-magnitude loading is positive (the convention common.principal_components states)."""
+    its largest-magnitude loading is positive (the convention evaluate.modality_gap_pca states)."""
     centred = x - x.mean(axis=0)
     u, s, vt = np.linalg.svd(centred, full_matrices=False)
     signs = np.sign(vt[[0, 1], np.abs(vt[:2]).argmax(axis=1)])
@@ -90,11 +97,11 @@ def unit(x):
 
 
 def test_modality_gap_coordinates_are_numpys_svd_of_the_saved_embeddings(runs):
-    pca = json.load(open(os.path.join(runs["eval"], C.PCA_JSON)))
+    pca = json.load(open(os.path.join(runs["eval"], PCA_JSON)))
     saved = torch.load(os.path.join(runs["eval"], "embeddings.pt"), weights_only=True)
     features = {k: v.numpy() for k, v in saved["features"].items()}
     n = len(features["clip_rgb"])
-    assert pca["index"] == list(range(n)) and pca["n_scenes"] == n  # fewer than PCA_MAX_SCENES: all of them
+    assert pca["index"] == list(range(n)) and pca["n_scenes"] == n  # fewer than 2000 scenes: all of them
     for when, student in (("before", "student_init_ms"), ("after", "student_ms")):
         coords, ratio = numpy_pca(np.concatenate([unit(features["clip_rgb"]), unit(features[student])]))
         np.testing.assert_allclose(np.concatenate([pca[when]["rgb"], pca[when]["ms"]]), coords, atol=1e-6)
@@ -104,13 +111,13 @@ def test_modality_gap_coordinates_are_numpys_svd_of_the_saved_embeddings(runs):
 def test_modality_gap_pca_caps_the_scenes_evenly_and_needs_a_student():
     g = torch.Generator().manual_seed(0)
     features = {"clip_rgb": torch.randn(50, 8, generator=g), "student_ms": torch.randn(50, 8, generator=g) + 2}
-    data = C.modality_gap_pca(features, max_scenes=7)
+    data = evaluate.modality_gap_pca(features, max_scenes=7)
     assert data["index"] == [0, 8, 16, 24, 33, 41, 49] and data["n_scenes"] == 50 and "before" not in data
     rows = data["index"]
     coords, ratio = numpy_pca(np.concatenate([unit(features["clip_rgb"][rows]), unit(features["student_ms"][rows])]))
     np.testing.assert_allclose(np.concatenate([data["after"]["rgb"], data["after"]["ms"]]), coords, atol=1e-6)
     np.testing.assert_allclose(data["after"]["explained_variance_ratio"], ratio, rtol=1e-9)
-    assert C.modality_gap_pca({"clip_rgb": features["clip_rgb"]}) is None
+    assert set(evaluate.modality_gap_pca({"clip_rgb": features["clip_rgb"]})) == {"index", "n_scenes"}  # no panel
 
 
 def test_confusion_matrix_is_a_hand_count_and_stays_out_of_the_results_log(runs):
@@ -126,18 +133,20 @@ def test_confusion_matrix_is_a_hand_count_and_stays_out_of_the_results_log(runs)
         recall = [np.nan if r is None else r for r in map(zeroshot["per_class"].get, matrix["classes"])]
         with np.errstate(invalid="ignore"):  # a class without test images: 0/0, as per_class's None
             np.testing.assert_allclose(np.diag(by_hand) / by_hand.sum(axis=1), recall)
-    row = C.read_jsonl(os.path.join(os.path.dirname(runs["eval"]), "results.jsonl"))[-1]
+    row = [json.loads(line) for line in open(os.path.join(os.path.dirname(runs["eval"]), "results.jsonl"))][-1]
     assert not any("confusion" in key for key in row) and "zeroshot/student_ms/acc1" in row
 
 
-def test_per_class_ap_bars_of_multilabel_results_from_a_metrics_json(tmp_path):
+def test_per_class_ap_bars_of_multilabel_results_from_a_metrics_json(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the pictures need matplotlib (pip install matplotlib)")
     classes = C.bigearthnet_nomenclature()["labels19"]  # long names: the labels are shortened
     aps = {c: (i % 7) / 7 for i, c in enumerate(classes)}
     aps[classes[3]] = None  # a class without positive test images: no bar
     zeroshot = {name: {"mean_average_precision": 0.4, "per_class_ap": aps} for name in ("clip_rgb", "student_ms")}
     C.write_json(str(tmp_path / "metrics.json"), {"metrics": {"zeroshot": zeroshot}})
-    assert C.plot_run(str(tmp_path)) == [str(tmp_path / "per_class_ap.png")]
+    evaluate.main(["--redraw", str(tmp_path)])
+    assert plot_lines(capsys) == [f"plots: wrote {tmp_path / 'per_class_ap.png'}"]
+    assert pngs(tmp_path) == ["per_class_ap.png"]
     assert_picture(tmp_path / "per_class_ap.png")
 
 
@@ -155,7 +164,7 @@ def test_without_matplotlib_every_stage_finishes_and_says_so_in_one_line(patched
                                 f"(or pass --no-plots)"], lines[stage]
         assert os.path.isfile(tmp_path / stage / "metrics.json") and pngs(tmp_path / stage) == []
     assert os.path.isfile(tmp_path / "patch" / "patched.json") and os.path.isfile(tmp_path / "align" / "student.pt")
-    assert os.path.isfile(tmp_path / "eval" / C.PCA_JSON)  # the numbers of the picture are there to draw it later
+    assert os.path.isfile(tmp_path / "eval" / PCA_JSON)  # the numbers of the picture are there to draw it later
 
 
 def test_no_plots_draws_nothing_and_removes_an_earlier_runs_pictures(runs, tmp_path, capsys):
@@ -167,7 +176,7 @@ def test_no_plots_draws_nothing_and_removes_an_earlier_runs_pictures(runs, tmp_p
     assert plot_lines(capsys) == []
     for stage in ("patch", "align", "eval"):
         assert pngs(tmp_path / stage) == [] and os.path.isfile(tmp_path / stage / "metrics.json")
-    assert os.path.isfile(tmp_path / "eval" / C.PCA_JSON)  # the numbers of the picture are written all the same
+    assert os.path.isfile(tmp_path / "eval" / PCA_JSON)  # the numbers of the picture are written all the same
 
 
 def test_a_picture_that_fails_costs_one_line_never_the_run(runs, tmp_path, capsys, monkeypatch):
@@ -175,32 +184,35 @@ def test_a_picture_that_fails_costs_one_line_never_the_run(runs, tmp_path, capsy
     out = tmp_path / "eval"
     shutil.copytree(runs["eval"], out)
     before = open(out / "metrics.json").read()
+    capsys.readouterr()
 
     def fails(folder):
         raise ValueError("a bug in a drawing function")
-    monkeypatch.setattr(C, "plot_confusion", fails)
-    C.draw_pictures(str(out), C.Session(debug=False))
-    (line,) = plot_lines(capsys)
-    assert line.startswith("plots: could not draw modality_gap.png, confusion.png (ValueError: a bug in a drawing")
-    assert f"common.plot_run('{out}')" in line and open(out / "metrics.json").read() == before
+    monkeypatch.setattr(evaluate, "plot_zeroshot", fails)
+    evaluate.main(["--redraw", str(out)])
+    assert plot_lines(capsys) == [f"plots: wrote {out / 'modality_gap.png'}", "plots: could not draw confusion.png "
+                                  "(ValueError: a bug in a drawing function); the run is saved"]
+    assert open(out / "metrics.json").read() == before
     with pytest.raises(ValueError):  # --debug shows the traceback
-        C.draw_pictures(str(out), C.Session(debug=True))
+        evaluate.main(["--redraw", str(out), "--debug"])
+    capsys.readouterr()
 
     def stopped(folder):
-        raise C.Interrupted("SIGTERM")
-    monkeypatch.setattr(C, "plot_confusion", stopped)
-    session = C.Session(debug=False)
-    with pytest.raises(C.Interrupted):  # a stop is a stop, not a failed picture
-        C.draw_pictures(str(out), session)
-    assert "the run is saved" in session.on_stop and "plot_run" in session.on_stop
+        raise KeyboardInterrupt()
+    monkeypatch.setattr(evaluate, "plot_zeroshot", stopped)
+    with pytest.raises(SystemExit) as e:  # a stop is a stop, not a failed picture
+        evaluate.main(["--redraw", str(out)])
+    captured = capsys.readouterr()
+    assert e.value.code == 130 and captured.err.strip().splitlines()[-1].startswith("stopped:")
+    assert "could not draw" not in captured.out and open(out / "metrics.json").read() == before
 
 
 def test_summary_plot_draws_the_table_as_grouped_bars(tmp_path, capsys, monkeypatch):
     log, png = str(tmp_path / "results.jsonl"), str(tmp_path / "summary.png")
     for kind, ckpt, value in (("baseline", None, 0.4), ("patched", "/r/patch", 0.7)):
-        C.append_jsonl(log, {"ckpt_kind": kind, "ckpt": ckpt, "teacher": None, "data": "eurosat_ms", "split": "test",
-                             "n_images": 100, "prompts_sha256": "p", "model": "ViT-B-32", "pretrained": "openai",
-                             "zeroshot/clip_rgb/acc1": value})
+        evaluate.append_jsonl(log, {"ckpt_kind": kind, "ckpt": ckpt, "teacher": None, "data": "eurosat_ms",
+                                    "split": "test", "n_images": 100, "prompts_sha256": "p", "model": "ViT-B-32",
+                                    "pretrained": "openai", "zeroshot/clip_rgb/acc1": value})
     with pytest.raises(SystemExit) as e:  # the flag belongs to --summary
         evaluate.main(["--summary-plot", png])
     assert e.value.code == 2 and "--summary" in capsys.readouterr().err

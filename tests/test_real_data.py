@@ -43,7 +43,7 @@ def test_stage2_aligns_the_student_to_the_teacher_on_real_tifs(real_runs):
         target = teacher.encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu", pixels=C.DATA["eurosat_ms"].pixels))
         mse = {}
         for name in ("student_init.pt", "student.pt"):
-            student, _ = C.load_student(str(real_runs["align"] / name))
+            student = load_stage("03_eval.py").load_student(str(real_runs["align"] / name))
             mse[name] = F.mse_loss(student(C.ms_input(raw, student.input_size, "cpu")), target).item()
     assert mse["student.pt"] < 0.5 * mse["student_init.pt"], mse
     epochs = json.load(open(real_runs["align"] / "metrics.json"))["epochs"]

@@ -1,6 +1,7 @@
 """Stage 2: the alignment loss, the teacher cache, SSL4EO-style weights, the CLI and its failures."""
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -10,11 +11,12 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
-from conftest import TINY_STUDENT, load_stage, make_eurosat_ms
+from conftest import TINY_CLIP, TINY_STUDENT, hash_split, load_stage, make_eurosat_ms
 
 import common as C
 
 align = load_stage("02_align_s2.py")
+evaluate = load_stage("03_eval.py")  # evaluate.load_student rebuilds a saved student
 
 
 def align_args(patched_run, out, *extra, epochs=2):
@@ -78,7 +80,8 @@ def test_ssl4eo_checkpoint_loads_every_backbone_tensor_in_band_order(tmp_path, c
         if k not in ("patch_embed.proj.weight", "pos_embed"):
             assert torch.equal(loaded[k], v), k
     for i, band in enumerate(C.S2_BANDS):  # EuroSAT's channel i takes SSL4EO's channel of the same band
-        assert torch.equal(loaded["patch_embed.proj.weight"][:, i], source["patch_embed.proj.weight"][:, C.SSL4EO_BANDS.index(band)])
+        assert torch.equal(loaded["patch_embed.proj.weight"][:, i],
+                           source["patch_embed.proj.weight"][:, align.SSL4EO_BANDS.index(band)])
     assert loaded["pos_embed"].shape == (1, 1 + 4, 192)  # resampled from 1 + 196 tokens
     assert torch.equal(loaded["pos_embed"][:, 0], source["pos_embed"][:, 0])  # the class token's is kept
 
@@ -99,23 +102,54 @@ def test_three_band_or_foreign_checkpoint_is_refused(tmp_path, patched_run, caps
 
 @pytest.fixture(scope="module")
 def aligned(patched_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("align") / "run"
-    result = align.main(align_args(patched_run, out, epochs=6))
-    return {**result, "out": str(out)}
+    base = tmp_path_factory.mktemp("align")
+    out, cache = base / "run", base / "cache"
+    result = align.main(align_args(patched_run, out, "--cache", str(cache), epochs=6))
+    return {**result, "out": str(out), "cache": str(cache)}
+
+
+def batches_per_epoch(root):
+    """Training steps per epoch at --batch-size 16 on the train split of `root`."""
+    return C.training_batches(len(C.load_split("eurosat_ms", root, "train", 0).files), 16)
+
+
+def fresh_teacher_embeddings(patched_run, root, split):
+    """The patched CLIP, rebuilt by open_clip from its weights file, on the RGB composites of every
+    tif of a split (read here with tifffile), in the split's file order."""
+    import open_clip
+    teacher, _, _ = open_clip.create_model_and_transforms(
+        TINY_CLIP, pretrained=os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
+    meta = json.load(open(os.path.join(patched_run["ckpt"], "patched.json")))
+    files = C.load_split("eurosat_ms", root, split, meta["split_seed"]).files
+    raw = torch.from_numpy(np.stack([tifffile.imread(os.path.join(root, f)) for f in files]))
+    with torch.no_grad():
+        return teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu",
+                                                        pixels=C.DATA["eurosat_ms"].pixels))
+
+
+def teacher_files(folder):
+    """Every teacher-*.pt below a folder, at any depth."""
+    return glob.glob(os.path.join(str(folder), "**", "teacher-*.pt"), recursive=True)
 
 
 def test_cli_writes_a_student_that_round_trips(aligned, patched_run):
     out = aligned["out"]
-    student, record = C.load_student(os.path.join(out, "student.pt"))
+    student = evaluate.load_student(os.path.join(out, "student.pt"))
+    record = torch.load(os.path.join(out, "student.pt"), weights_only=True)
     assert state_equal(student.state_dict(), aligned["student"].state_dict())
     assert record["teacher"]["weights_sha256"] == C.sha256_of(os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
     assert (record["arch"], record["in_chans"], record["input_size"], record["embed_dim"]) == \
         ("vit_tiny_patch16_224", 13, 32, 32)
+    # the training scenes, by the README's hashed split computed here (conftest.hash_split)
+    ids = sorted(os.path.splitext(os.path.relpath(f, patched_run["root"]))[0]
+                 for f in glob.glob(os.path.join(patched_run["root"], "*", "*.tif")))
+    assert record["train_scenes"] == [i for i, s in zip(ids, hash_split(ids, 0)) if s == "train"]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert [row["epoch"] for row in metrics["epochs"]] == list(range(6))
     for row in metrics["epochs"]:
         assert {"train_mse", "train_ce", "val_mse", "val_acc"} <= row.keys()
     assert not os.path.exists(os.path.join(out, "last.pt"))  # a finished run keeps student.pt only
+    assert not os.path.exists(out + ".partial")
     x = torch.rand(2, 13, 32, 32)
     assert torch.equal(student(x), aligned["student"].eval()(x))
 
@@ -130,59 +164,101 @@ def test_student_learns_the_teacher_and_the_teacher_is_untouched(aligned, patche
     raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
     meta = json.load(open(os.path.join(patched_run["ckpt"], "patched.json")))
     with torch.no_grad():
-        target = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu", pixels=C.DATA["eurosat_ms"].pixels))
-        mse = {name: F.mse_loss(C.load_student(os.path.join(aligned["out"], name))[0](C.ms_input(raw, 32, "cpu")),
+        target = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu",
+                                                          pixels=C.DATA["eurosat_ms"].pixels))
+        mse = {name: F.mse_loss(evaluate.load_student(os.path.join(aligned["out"], name))(C.ms_input(raw, 32, "cpu")),
                                 target).item() for name in ("student_init.pt", "student.pt")}
     assert mse["student.pt"] < 0.5 * mse["student_init.pt"], mse
     assert mse["student.pt"] == pytest.approx(aligned["metrics"][-1]["val_mse"], rel=1e-4)
 
 
 def test_teacher_cache_equals_a_fresh_forward_pass(aligned, patched_run):
-    import open_clip
-    teacher, _, _ = open_clip.create_model_and_transforms(
-        "rsclip-tiny", pretrained=os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
-    meta = json.load(open(os.path.join(patched_run["ckpt"], "patched.json")))
-    train = C.load_split("eurosat_ms", patched_run["root"], "train", 0)
-    raw = C.ImageFiles(train)[list(range(len(train.files)))]["images"]
-    with torch.no_grad():
-        fresh = teacher.eval().encode_image(C.clip_input(raw, meta["preprocess_cfg"], "cpu", pixels=C.DATA["eurosat_ms"].pixels))
-    cached = [torch.load(p, weights_only=True)["embeddings"] for p in glob.glob(os.path.join(aligned["out"], "teacher-*.pt"))]
-    assert any(c.shape == fresh.shape and torch.allclose(c, fresh, atol=1e-5) for c in cached)
+    """With --cache the teacher's embeddings of each split are kept in the cache folder (one file per
+    split), equal to a fresh forward pass; nothing of them is kept in the run folder."""
+    cached = [torch.load(p, weights_only=True)["embeddings"] for p in teacher_files(aligned["cache"])]
+    assert len(cached) == 2 and teacher_files(aligned["out"]) == []
+    for split in ("train", "val"):
+        fresh = fresh_teacher_embeddings(patched_run, patched_run["root"], split)
+        assert sum(c.shape == fresh.shape and torch.allclose(c, fresh, atol=1e-5) for c in cached) == 1, split
 
 
-def test_resume_after_sigterm_equals_an_uninterrupted_run(aligned, patched_run, tmp_path, monkeypatch):
+def test_resume_after_sigterm_equals_an_uninterrupted_run(aligned, patched_run, tmp_path, capsys, monkeypatch):
+    """Stopped in the middle of epoch 1, the run keeps epoch 0's checkpoint; --resume goes on from
+    there and ends where the uninterrupted run (with --cache) ended."""
+    per_epoch = batches_per_epoch(patched_run["root"])
     calls = {"n": 0}
     loss = align.alignment_loss
 
-    def loss_then_sigterm(*a, **k):  # a real SIGTERM arrives during the 4th step
+    def loss_then_sigterm(*a, **k):  # a real SIGTERM arrives during the 2nd step of epoch 1
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == per_epoch + 2:
             signal.raise_signal(signal.SIGTERM)
         return loss(*a, **k)
 
     monkeypatch.setattr(align, "alignment_loss", loss_then_sigterm)
-    argv = align_args(patched_run, tmp_path / "run", epochs=6)
+    argv = align_args(patched_run, tmp_path / "run", "--no-plots", epochs=6)
     with pytest.raises(SystemExit) as e:
         align.main(argv)
-    assert e.value.code == 130 and os.path.exists(tmp_path / "run" / "last.pt")
-    assert not os.path.exists(tmp_path / "run" / "student.pt")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 130 and line.startswith("stopped: ") and "--resume" in line, line
+    assert torch.load(tmp_path / "run.partial" / "last.pt", weights_only=True)["epoch"] == 0
+    assert not os.path.exists(tmp_path / "run")  # OUT only ever holds a finished run
     monkeypatch.setattr(align, "alignment_loss", loss)
     align.main(argv + ["--resume"])
+    assert not os.path.exists(tmp_path / "run.partial")
     resumed = torch.load(tmp_path / "run" / "student.pt", weights_only=True)["state_dict"]
     for k, v in aligned["student"].state_dict().items():
         assert torch.allclose(resumed[k], v, atol=1e-6), k
-    # the per-epoch log too: the interrupted epoch's loss sums were kept in last.pt
+    # the per-epoch log too
     epochs = json.load(open(tmp_path / "run" / "metrics.json"))["epochs"]
     assert [row.keys() for row in epochs] == [row.keys() for row in aligned["metrics"]]
     for row, whole in zip(epochs, aligned["metrics"]):
         assert row == {k: pytest.approx(v, rel=1e-5) for k, v in whole.items()}
 
 
-def test_same_command_gives_the_same_metrics(aligned, patched_run, tmp_path):
-    align.main(align_args(patched_run, tmp_path / "again", epochs=6))
+def test_same_command_without_cache_gives_the_same_metrics(aligned, patched_run, tmp_path):
+    """The same command again, without --cache (files read from disk, the teacher embedded again):
+    the same metrics, to the last digit."""
+    align.main(align_args(patched_run, tmp_path / "again", "--no-plots", epochs=6))
     first = json.load(open(os.path.join(aligned["out"], "metrics.json")))["epochs"]
     again = json.load(open(tmp_path / "again" / "metrics.json"))["epochs"]
     assert first == again
+
+
+def test_teacher_cache_is_never_nan_and_never_stale_after_a_repaired_file(patched_run, tmp_path, capsys):
+    """Review: the teacher cache kept NaN rows of files skipped with --skip-bad-files and survived
+    --overwrite; after the file was repaired the next run trained on NaN targets and blamed the
+    learning rate. Cached targets are never NaN, and never stale; without --cache nothing is cached."""
+    root, cache = tmp_path / "ms", tmp_path / "cache"
+    make_eurosat_ms(root, per_class=2)  # 16 train scenes: one step an epoch, on all of them
+    bad = C.load_split("eurosat_ms", str(root), "train", 0).files[1]
+    (root / bad).write_bytes(b"II*\x00 not a GeoTIFF")  # a corrupt tif in the train split
+    args = align_args(patched_run, tmp_path / "out", "--no-plots", epochs=1)
+    args[args.index("--root") + 1] = str(root)
+
+    def finished_with_finite_losses():
+        metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+        assert metrics["epochs"] and all(math.isfinite(v) for row in metrics["epochs"] for v in row.values())
+        return metrics
+
+    # --cache packs whole splits: a bad file stops the run in one line, and nothing is cached of the teacher
+    expect_error(capsys, [*args, "--cache", str(cache), "--skip-bad-files"], bad, "--cache", "--skip-bad-files")
+    assert teacher_files(cache) == [] and not os.path.exists(tmp_path / "out")
+    # without --cache the file is skipped, and no teacher embeddings are written anywhere
+    align.main([*args, "--skip-bad-files"])
+    assert list(finished_with_finite_losses()["skipped_files"]) == [str(root / bad)]
+    assert teacher_files(tmp_path) == []
+    # repaired: the next run over the finished one, with the same --cache, trains on the file's true targets
+    rng = np.random.default_rng(5)
+    tifffile.imwrite(root / bad, rng.integers(500, 3000, (64, 64, 13)).astype(np.uint16))
+    align.main([*args, "--overwrite", "--cache", str(cache)])
+    assert finished_with_finite_losses()["skipped_files"] == {}
+    cached = [torch.load(p, weights_only=True)["embeddings"] for p in teacher_files(cache)]
+    assert len(cached) == 2 and not any(e.isnan().any() for e in cached)  # the train and val splits'
+    for split in ("train", "val"):  # the repaired file is row 1 of train
+        fresh = fresh_teacher_embeddings(patched_run, str(root), split)
+        (kept,) = [e for e in cached if e.shape == fresh.shape]
+        torch.testing.assert_close(kept, fresh, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -225,22 +301,27 @@ def test_classes_other_than_the_teachers_get_the_data_sets_own_prompts(tmp_path,
 
 
 def test_nan_loss_stops_and_keeps_the_finished_student(aligned, patched_run, tmp_path, capsys, monkeypatch):
+    """A NaN loss in epoch 1 of an --overwrite: one line naming the step; the finished run in OUT is
+    untouched and epoch 0's checkpoint is kept in OUT.partial for --resume."""
     out = tmp_path / "run"
     shutil.copytree(aligned["out"], out)
     finished = C.sha256_of(str(out / "student.pt"))
+    per_epoch = batches_per_epoch(patched_run["root"])
     calls = {"n": 0}
     loss = align.alignment_loss
 
-    def nan_at_third_step(*a, **k):
+    def nan_in_epoch_1(*a, **k):
         calls["n"] += 1
         total, mse, ce = loss(*a, **k)
-        return (total * float("nan"), mse, ce) if calls["n"] == 3 else (total, mse, ce)
+        return (total * float("nan"), mse, ce) if calls["n"] == per_epoch + 2 else (total, mse, ce)
 
-    monkeypatch.setattr(align, "alignment_loss", nan_at_third_step)
-    line = expect_error(capsys, align_args(patched_run, out, "--overwrite", "--save-every", "1"), "step 2", "last.pt")
+    monkeypatch.setattr(align, "alignment_loss", nan_in_epoch_1)
+    line = expect_error(capsys, align_args(patched_run, out, "--overwrite", "--no-plots"), f"step {per_epoch + 1}",
+                        "--lr", f"{out}.partial/last.pt", "--resume")
     assert "nan" in line
     assert C.sha256_of(str(out / "student.pt")) == finished  # the finished checkpoint is not touched
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2  # the last good state is kept
+    kept = torch.load(f"{out}.partial/last.pt", weights_only=True)  # the last good state is kept
+    assert (kept["epoch"], kept["step"]) == (0, per_epoch)
 
 
 @pytest.mark.parametrize("flags, word", [(["--student", "bogus_net"], "--student"), (["--device", "tpu9"], "--device")])

@@ -16,6 +16,7 @@ from PIL import Image
 
 import common as C
 
+patch = load_stage("01_patch_clip.py")
 align = load_stage("02_align_s2.py")
 evaluate = load_stage("03_eval.py")
 
@@ -85,7 +86,7 @@ def test_summary_keeps_other_prompts_and_other_splits_apart():
 def test_summary_cli_prints_markdown_and_refuses_a_missing_log(tmp_path, capsys):
     path = tmp_path / "results.jsonl"
     for row in KNOWN:
-        C.append_jsonl(str(path), row)
+        evaluate.append_jsonl(str(path), row)
     evaluate.main(["--summary", str(path)])
     out = capsys.readouterr().out
     assert out.startswith("| model |") and "gain over the un-patched CLIP" in out
@@ -128,7 +129,7 @@ def test_recall_at_the_official_cut_offs():
 def run_eval(tmp_path, *flags, out="eval"):
     """Stage 3 in-process; returns the results log's rows."""
     results = tmp_path / "results.jsonl"
-    evaluate.main([*flags, "--workers", "0", "--out", str(tmp_path / out), "--results", str(results)])
+    evaluate.main([*flags, "--workers", "0", "--out", str(tmp_path / out), "--results", str(results), "--no-plots"])
     return [json.loads(x) for x in open(results)]
 
 
@@ -199,7 +200,7 @@ def test_split_all_is_refused_on_the_scenes_a_model_trained_on(patched_run, tmp_
 def student_run(patched_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("align_transfer") / "run"
     align.main(["--teacher", patched_run["ckpt"], "--root", patched_run["root"], *TINY_STUDENT, "--epochs", "1",
-                "--batch-size", "16", "--workers", "0", "--out", str(out)])
+                "--batch-size", "16", "--workers", "0", "--no-plots", "--out", str(out)])
     return {"out": str(out), "ckpt": str(out / "student.pt")}
 
 
@@ -272,20 +273,20 @@ def test_control_subset_is_fixed_by_the_seed(tmp_path):
         for n in range(6):
             Image.fromarray(np.full((8, 8, 3), n, np.uint8)).save(tmp_path / "val" / synset / f"x{n}.JPEG")
     scenes = C.list_scenes("imagenet", root)
-    pick = C.per_class_subset(scenes, 3, seed=0)
+    pick = patch.per_class_subset(scenes, 3, seed=0)
     assert len(pick.files) == 6 and sorted(set(pick.labels.tolist())) == [0, 1]
-    assert C.per_class_subset(scenes, 3, seed=0).files == pick.files
-    assert C.per_class_subset(scenes, 3, seed=1).files != pick.files
+    assert patch.per_class_subset(scenes, 3, seed=0).files == pick.files
+    assert patch.per_class_subset(scenes, 3, seed=1).files != pick.files
     os.remove(tmp_path / "val" / "n01440764" / next(f for f in os.listdir(tmp_path / "val" / "n01440764")
                                                     if "n01440764/" + f not in pick.files))
-    assert C.per_class_subset(C.list_scenes("imagenet", root), 3, seed=0).files == pick.files  # others never move
+    assert patch.per_class_subset(C.list_scenes("imagenet", root), 3, seed=0).files == pick.files  # others never move
 
 
 def test_stage1_with_imagenet_as_control(ms_root, tmp_path):
     control = make_imagenet(tmp_path / "imagenet", ["n01443537", "n01440764", "n01484850"])
     load_stage("01_patch_clip.py").main(tiny_patch_args(ms_root, tmp_path / "patch", "eurosat_ms", "--epochs", "1",
                                                    "--control", "imagenet", "--control-root", control,
-                                                   "--control-per-class", "1"))
+                                                   "--control-per-class", "1", "--no-plots"))
     metrics = json.load(open(tmp_path / "patch" / "metrics.json"))
     assert metrics["control"]["dataset"] == "imagenet" and metrics["control"]["n_images"] == 3
     assert metrics["control"]["split"] == "test" and all("control_acc" in r for r in metrics["alphas"])
@@ -323,11 +324,11 @@ def test_bad_prompts_file(patched_run, tmp_path, capsys, content, phrase):
 def test_stage1_and_stage2_record_the_prompts_file(ms_root, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"templates": ["a multispectral image of {}."]}))
     load_stage("01_patch_clip.py").main(tiny_patch_args(ms_root, tmp_path / "patch", "eurosat_ms", "--epochs", "1",
-                                                   "--prompts", str(tmp_path / "p.json")))
+                                                   "--prompts", str(tmp_path / "p.json"), "--no-plots"))
     meta = json.load(open(tmp_path / "patch" / "patched.json"))
     assert meta["templates"] == ["a multispectral image of {}."]
     align.main(["--teacher", str(tmp_path / "patch"), "--root", ms_root, *TINY_STUDENT, "--epochs", "1",
-                "--batch-size", "16", "--workers", "0", "--out", str(tmp_path / "align")])
+                "--batch-size", "16", "--workers", "0", "--no-plots", "--out", str(tmp_path / "align")])
     record = torch.load(tmp_path / "align" / "student.pt", weights_only=True)
     assert record["templates"] == meta["templates"]  # the teacher's prompts on its own scenes
 
@@ -343,14 +344,13 @@ def test_the_same_folder_under_another_data_set_name_is_still_trained_on(patched
     root = make_folder(tmp_path / "rs", ["baseball_diamond", "beach"], per_class=10)
     load_stage("01_patch_clip.py").main(tiny_patch_args(root, tmp_path / "patch", "folder", "--epochs", "1",
                                                         "--split-seed", "3", "--no-plots"))
-    (row,) = run_eval(tmp_path, "--ckpt", str(tmp_path / "patch"), "--data", f"resisc45={root}/", "--no-plots")
+    (row,) = run_eval(tmp_path, "--ckpt", str(tmp_path / "patch"), "--data", f"resisc45={root}/")
     assert row["case/clip_rgb"] == "trained on" and row["split_seed"] == 3
     line = user_error(capsys, ["--ckpt", str(tmp_path / "patch"), "--data", f"resisc45={root}", "--split", "all",
                                "--out", str(tmp_path / "all")])
     assert "--split test" in line and not os.path.exists(tmp_path / "all")
     lookalike = os.path.join(make_eurosat_rgb(tmp_path / "rgb"), "eurosat", "2750")  # ids as patched_run's tifs
-    (row,) = run_eval(tmp_path / "b", "--ckpt", patched_run["ckpt"], "--data", f"folder={lookalike}", "--split",
-                      "all", "--no-plots")
+    (row,) = run_eval(tmp_path / "b", "--ckpt", patched_run["ckpt"], "--data", f"folder={lookalike}", "--split", "all")
     assert row["case/clip_rgb"] == "transfer" and row["split"] == "all"
 
 
@@ -364,7 +364,7 @@ def test_a_students_teacher_meets_its_own_data_with_its_own_prompts(ms_root, tmp
             make_bigearthnet_patch(ben, name, [["Coniferous forest"], ["Pastures"]][i % 2], seed=i)
     align.main(["--teacher", str(tmp_path / "patch"), "--data", "bigearthnet19", "--root", str(ben), *TINY_STUDENT,
                 "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-plots", "--out", str(tmp_path / "align")])
-    (row,) = run_eval(tmp_path, "--ckpt", str(tmp_path / "align"), "--data", f"eurosat_ms={ms_root}", "--no-plots")
+    (row,) = run_eval(tmp_path, "--ckpt", str(tmp_path / "align"), "--data", f"eurosat_ms={ms_root}")
     assert row["case/clip_rgb"] == "trained on" and row["case/student_ms"] == "transfer"
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert metrics["prompts"]["templates"] == ["a sentinel-2 image of {}."]  # the teacher's, as on its own
