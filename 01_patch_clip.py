@@ -194,12 +194,11 @@ def main(argv=None):
 
 def run(args):
     if args.redraw:
-        return C.draw_pictures(args.redraw, {"alpha.png": plot_alpha}, args.debug)
+        return C.redraw(args.redraw, STAGE, {"alpha.png": plot_alpha}, args.debug)
     device = C.pick_device(args.device)
     if args.control_per_class is not None and (not args.control or args.control_per_class < 1):
         raise C.UserError(f"--control-per-class {args.control_per_class}: pass a number of images >= 1, with --control")
     C.check_run(args.out, STAGE, args.resume, args.overwrite)
-    torch.manual_seed(args.seed)
 
     # ------------------------------------------------------------------ data
     train = C.with_prompts(C.load_split(args.data, args.root, "train", args.split_seed, args.download), args.prompts)
@@ -213,6 +212,7 @@ def run(args):
           f"{control.split} images" if control else ""))
 
     # ------------------------------------------------------------------ model, zero-shot heads, optimizer
+    torch.manual_seed(args.seed)  # here: packing a --cache draws from torch's generator (the DataLoader's seed)
     model, tokenizer, clip_config = C.load_clip(args.model, args.pretrained, device)
     head = C.zeroshot_head(model, tokenizer, train.classnames, train.templates, device)
     control_head = C.zeroshot_head(model, tokenizer, control.classnames, control.templates, device) if control else None

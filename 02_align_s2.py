@@ -228,7 +228,7 @@ def main(argv=None):
 
 def run(args):
     if args.redraw:
-        return C.draw_pictures(args.redraw, {"training.png": plot_training}, args.debug)
+        return C.redraw(args.redraw, STAGE, {"training.png": plot_training}, args.debug)
     device = C.pick_device(args.device)
     C.check_run(args.out, STAGE, args.resume, args.overwrite)
 

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     add("--device", help="torch device (default: cuda if available, else cpu)")
     add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes (default: cores, up to 8)")
     add("--cache", help="folder for packed, memory-mapped splits (default: none)")
-    add("--out", help="run folder (default: <checkpoint folder>/eval-<data>-<split>, baseline: runs/eval/<model>-"
+    add("--out", help="run folder (default: <checkpoint folder>-eval-<data>-<split>, baseline: runs/eval/<model>-"
         "<pretrained>-<data>-<split>); with several --data, the folder of one <data>-<split> folder each")
     add("--results", default="runs/results.jsonl", help="results log, a JSON line per evaluation (default: %(default)s)")
     add("--save-embeddings", action="store_true", help="also write OUT/embeddings.pt (embeddings, labels, files, head)")
@@ -335,13 +335,14 @@ def load_student(path):
 
 def default_out(args, scenes, several):
     """The run folder of one evaluation: --out (with several data sets, --out/<data>-<split>); else
-    <checkpoint folder>/eval-<data>-<split>, or runs/eval/<model>-<pretrained>-<data>-<split>."""
+    <checkpoint folder>-eval-<data>-<split> (beside it: an --overwrite of that run, which replaces its
+    folder, keeps it), or runs/eval/<model>-<pretrained>-<data>-<split>."""
     name = f"{scenes.dataset}-{scenes.split}"
     if args.out:
         return os.path.join(args.out, name) if several else args.out
     if args.ckpt:
         folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
-        return os.path.join(folder, f"eval-{name}")
+        return f"{os.path.normpath(folder)}-eval-{name}"
     model = os.path.basename(os.path.normpath(args.model.split(":", 1)[-1]))  # a name, or a local-dir's folder
     pretrained = os.path.splitext(os.path.basename(args.pretrained))[0]  # a tag, or a weights file's name
     return os.path.join("runs", "eval", f"{model}-{pretrained}-{name}")
@@ -673,8 +674,6 @@ def append_jsonl(path, row):
 
 def pictures(folder):
     """The pictures an evaluation's JSON supports: {file name: function drawing it}."""
-    if not os.path.isfile(os.path.join(folder, "metrics.json")):
-        raise C.UserError(f"{folder} holds no metrics.json of 03_eval.py; pass --redraw OUT of a finished evaluation")
     multilabel = "per_class_ap" in C.read_json(os.path.join(folder, "metrics.json"))["metrics"]["zeroshot"]["clip_rgb"]
     return {**({"modality_gap.png": plot_modality_gap} if os.path.isfile(os.path.join(folder, "modality_gap_pca.json"))
                else {}), ("per_class_ap.png" if multilabel else "confusion.png"): plot_zeroshot}
@@ -691,18 +690,18 @@ def run(args):
     if args.summary:
         return summary(args.summary, args.summary_format, args.summary_plot)
     if args.redraw:
-        return C.draw_pictures(args.redraw, pictures(args.redraw), args.debug)
+        return C.redraw(args.redraw, STAGE, pictures, args.debug)
     device = C.pick_device(args.device)
-    torch.manual_seed(0)  # only a baseline with --pretrained none draws random numbers (its weights)
     kind, record, clip_meta = read_checkpoint(args)
     records = trainings(args, kind, record, clip_meta)
     plans = [plan_split(name, root, args, kind, records) for name, root in data_specs(args, records)]
     outs = [default_out(args, scenes, len(plans) > 1) for scenes, _ in plans]
-    datasets = [C.open_images(scenes, args.cache, args.workers, args.skip_bad_files) for scenes, _ in plans]
-    models = load_models(args, kind, device)
-    for out in outs:  # all bad input is refused before any run folder is made
+    for out in outs:  # all bad input is refused before any run folder is made, and before the slow part
         C.check_run(out, STAGE, overwrite=args.overwrite)
     check_writable(args.results, "--results")
+    datasets = [C.open_images(scenes, args.cache, args.workers, args.skip_bad_files) for scenes, _ in plans]
+    torch.manual_seed(0)  # only a baseline with --pretrained none draws random numbers (its weights)
+    models = load_models(args, kind, device)
     done = []
     for (scenes, case), dataset, out in zip(plans, datasets, outs):
         try:

@@ -971,26 +971,43 @@ def run_stage(run, args):
 FINISHED = {"01_patch_clip.py": "patched.json", "02_align_s2.py": "student.pt", "03_eval.py": "metrics.json"}
 
 
+def finished_by(folder):
+    """The stage whose finished run a folder holds (by its marker file), or None."""
+    return next((stage for stage, marker in FINISHED.items() if os.path.exists(os.path.join(folder, marker))), None)
+
+
 def check_run(out, stage, resume=False, overwrite=False):
     """Before any work, writing nothing: OUT may hold only a finished run of this stage (replaced with
-    --overwrite), OUT.partial an unfinished one (continued with --resume, discarded with --overwrite)."""
-    existing = os.path.abspath(out)
+    --overwrite), OUT.partial an unfinished one (continued with --resume, discarded with --overwrite)
+    unless its process still runs."""
+    out, go_on = os.path.abspath(out), "--resume to continue it, " if stage != "03_eval.py" else ""
+    existing = out
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write the run folder {out} ({existing} is a file or not writable); pass another --out")
+    if os.path.exists(f"{out}.replaced"):
+        raise UserError(f"{out}.replaced exists (a run stopped while it replaced {out}): move it back to {out} or "
+                        f"delete it")
     if os.path.isdir(out) and os.listdir(out):
-        made_by = next((s for s, marker in FINISHED.items() if os.path.exists(os.path.join(out, marker))), None)
-        if made_by != stage:
-            raise UserError(f"{out} holds {f'a run of {made_by}' if made_by else 'no finished run'}; pass another "
-                            f"--out (a run folder holds one stage's run)")
+        if finished_by(out) != stage:
+            raise UserError(f"{out} holds {f'a run of {finished_by(out)}' if finished_by(out) else 'no finished run'}"
+                            f"; pass another --out (a run folder holds one stage's run)")
         if not (overwrite or resume):  # a resumed run was started with --overwrite
             raise UserError(f"{out} already holds a finished run; pass --overwrite or another --out")
+    try:
+        with open(f"{out}.partial/pid") as f:
+            pid = int(f.read())
+        os.kill(pid, 0)  # raises when no such process runs
+        running = pid != os.getpid()
+    except (OSError, ValueError):
+        running = False
+    if running:
+        raise UserError(f"{out}.partial is in use by a running process (pid {pid}); wait for it, or pass another --out")
     if resume and not os.path.isfile(f"{out}.partial/last.pt"):
         raise UserError(f"nothing to resume: {out}.partial/last.pt does not exist; drop --resume to start afresh")
     if os.path.exists(f"{out}.partial") and not (resume or overwrite):
-        raise UserError(f"{out}.partial holds an unfinished run (stopped, or still running); pass --resume to "
-                        f"continue it, --overwrite to start afresh, or another --out")
+        raise UserError(f"{out}.partial holds an unfinished run (its process has ended); pass {go_on}--overwrite to start afresh, or another --out")
 
 
 @contextlib.contextmanager
@@ -999,15 +1016,18 @@ def run_folder(out, stage, resume=False, overwrite=False):
     continues), renamed to OUT when the block ends; on an error or a stop it is removed unless it
     holds a checkpoint to resume from."""
     check_run(out, stage, resume, overwrite)
+    out = os.path.abspath(out)  # also "runs/x/" and "."
     work = f"{out}.partial"
     if not resume:
         if overwrite:
             shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(os.path.dirname(os.path.abspath(work)), exist_ok=True)
+        os.makedirs(os.path.dirname(work), exist_ok=True)
         try:
             os.mkdir(work)  # atomic: of two runs started at once into one folder, one gets it
         except FileExistsError:
             raise UserError(f"{work} was just made by another run; pass another --out")
+    with open(os.path.join(work, "pid"), "w") as f:  # a later run leaves this folder alone while this process runs
+        f.write(str(os.getpid()))
     try:
         yield work
     except BaseException as e:
@@ -1018,9 +1038,9 @@ def run_folder(out, stage, resume=False, overwrite=False):
             raise
         kept = f"the last finished epoch is kept in {work}/last.pt: --resume with the same flags continues it"
         raise type(e)(f"{e}; {kept}" if str(e) else kept) from None
-    if os.path.exists(os.path.join(work, "last.pt")):  # finished: nothing left to resume
-        os.remove(os.path.join(work, "last.pt"))
-    shutil.rmtree(f"{out}.replaced", ignore_errors=True)
+    for scratch in ("last.pt", "pid"):  # finished: nothing left to resume
+        if os.path.exists(os.path.join(work, scratch)):
+            os.remove(os.path.join(work, scratch))
     if os.path.exists(out):
         os.rename(out, f"{out}.replaced")
     os.rename(work, out)
@@ -1099,7 +1119,9 @@ def describe_run(args, device, stage):
     return info
 
 
-NOT_SETTINGS = {"resume", "overwrite", "debug", "workers", "device", "cache", "no_plots", "redraw"}
+# Not what a resume must keep: how and where it runs; paths (the data and the teacher are compared by hash).
+NOT_SETTINGS = {"resume", "overwrite", "debug", "workers", "device", "cache", "no_plots", "redraw", "out", "root",
+                "teacher", "control_root"}
 
 
 def run_identity(args, **data):
@@ -1158,6 +1180,16 @@ def new_figure(width, height, ncols=1, **subplots):
     from matplotlib.figure import Figure
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return figure, figure.subplots(1, ncols, squeeze=False, **subplots)[0]
+
+
+def redraw(folder, stage, pictures, debug=False):
+    """--redraw OUT: draw the pictures of a finished run of this stage again, from its JSON alone
+    (its args.json names the stage, its metrics.json says it finished)."""
+    args = os.path.join(folder, "args.json")
+    if not (os.path.isfile(os.path.join(folder, "metrics.json")) and os.path.isfile(args)
+            and read_json(args).get("stage") == stage):
+        raise UserError(f"{folder} holds no finished run of {stage}; pass --redraw OUT of one")
+    draw_pictures(folder, pictures(folder) if callable(pictures) else pictures, debug)
 
 
 def draw_pictures(folder, pictures, debug=False):

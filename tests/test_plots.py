@@ -144,6 +144,7 @@ def test_per_class_ap_bars_of_multilabel_results_from_a_metrics_json(tmp_path, c
     aps[classes[3]] = None  # a class without positive test images: no bar
     zeroshot = {name: {"mean_average_precision": 0.4, "per_class_ap": aps} for name in ("clip_rgb", "student_ms")}
     C.write_json(str(tmp_path / "metrics.json"), {"metrics": {"zeroshot": zeroshot}})
+    C.write_json(str(tmp_path / "args.json"), {"stage": "03_eval.py"})  # as every run folder has
     evaluate.main(["--redraw", str(tmp_path)])
     assert plot_lines(capsys) == [f"plots: wrote {tmp_path / 'per_class_ap.png'}"]
     assert pngs(tmp_path) == ["per_class_ap.png"]

@@ -342,3 +342,63 @@ def test_output_has_one_compact_start_line_and_no_progress_frames(tmp_path, caps
     assert not re.search(r"^\s+lr: ", captured.out, re.M)  # no argument dump
     assert re.search(r"^epoch 0: train loss \d", captured.out, re.M)  # a per-epoch line, as stage 2 prints
     assert json.load(open(tmp_path / "run" / "args.json"))["stage"] == "01_patch_clip.py"
+
+
+# ----------------------------------------------------------------------------- what a user's review found
+
+
+def test_out_with_a_trailing_slash_or_as_dot_is_the_same_folder(small, tmp_path, capsys, monkeypatch):
+    results = tmp_path / "r.jsonl"
+    evaluate.main(eval_args(small["teacher"], f"{tmp_path / 'eval'}/", results))  # as shell completion writes it
+    assert os.path.isfile(tmp_path / "eval" / "metrics.json") and not glob.glob(str(tmp_path / "eval" / "*partial*"))
+    assert "already holds a finished run" in stopped(capsys, evaluate, eval_args(small["teacher"], tmp_path / "eval",
+                                                                               results), code=2)
+    os.makedirs(tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    evaluate.main(eval_args(small["teacher"], ".", results))  # an empty current folder
+    assert os.path.isfile(tmp_path / "here" / "metrics.json") and sorted(os.listdir(tmp_path)).count("here.partial") == 0
+
+
+def test_overwrite_never_discards_the_folder_of_a_run_that_is_still_running(small, tmp_path, capsys):
+    import subprocess
+    import sys
+    out = tmp_path / "a"
+    os.makedirs(f"{out}.partial")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(f"{out}.partial/pid", "w") as f:
+            f.write(str(alive.pid))
+        before = tree(f"{out}.partial")
+        line = stopped(capsys, align, align_args(small["teacher"], small["root"], out, "--overwrite"), code=2)
+        assert f"in use by a running process (pid {alive.pid})" in line and tree(f"{out}.partial") == before
+    finally:
+        alive.kill()
+        alive.wait()
+    assert "holds an unfinished run (its process has ended)" in stopped(capsys, align, align_args(small["teacher"], small["root"], out), code=2)
+
+
+def test_a_left_over_replaced_folder_is_never_deleted(small, tmp_path, capsys):
+    out = tmp_path / "e"
+    os.makedirs(f"{out}.replaced")
+    with open(f"{out}.replaced/notes.txt", "w") as f:
+        f.write("a finished run, or the user's own files")
+    line = stopped(capsys, evaluate, eval_args(small["teacher"], out, tmp_path / "r.jsonl"), code=2)
+    assert "move it back" in line and os.path.isfile(f"{out}.replaced/notes.txt") and not os.path.exists(out)
+
+
+@pytest.mark.parametrize("stage_name", ["01_patch_clip.py", "02_align_s2.py", "03_eval.py"])
+def test_redraw_of_a_folder_without_a_finished_run_of_that_stage_is_one_line(small, tmp_path, capsys, stage_name):
+    for folder in (tmp_path / "missing", small["root"], small["teacher"] if stage_name != "01_patch_clip.py" else
+                   small["base"] / "aligned_not_there"):
+        line = stopped(capsys, load_stage(stage_name), ["--redraw", str(folder)], code=2)
+        assert "holds no finished run of " + stage_name in line
+
+
+def test_packing_a_cache_does_not_change_the_random_init(small, tmp_path):
+    """Packing iterates a DataLoader, which draws a seed from torch's generator: the model must be
+    seeded after it, or --cache would change a --pretrained none run's results."""
+    patch.main(patch_args(small["root"], tmp_path / "plain", "--epochs", "1", "--alphas", "0"))
+    patch.main(patch_args(small["root"], tmp_path / "cached", "--epochs", "1", "--alphas", "0",
+                          "--cache", str(tmp_path / "cache")))
+    plain, cached = (json.load(open(tmp_path / name / "metrics.json")) for name in ("plain", "cached"))
+    assert plain["epochs"] == cached["epochs"] and plain["alphas"] == cached["alphas"]
