@@ -533,7 +533,7 @@ def summary(path, fmt, plot=None):
             import matplotlib  # noqa: F401
         except ImportError:
             raise C.UserError(f"--summary-plot {plot} needs matplotlib; pip install matplotlib, or drop --summary-plot")
-        check_writable(plot, "--summary-plot")
+        C.check_writable(plot, "--summary-plot")
     if not os.path.isfile(path):
         raise C.UserError(f"no results log {path}; run 03_eval.py first, or pass --summary FILE")
     try:
@@ -653,15 +653,6 @@ def plot_summary(path, models, settings, values):
     C.write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
-def check_writable(path, flag):
-    """That a file can be written at `path` (a folder to make it in can be), without writing."""
-    existing = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if os.path.isdir(path) or not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise C.UserError(f"cannot write {path} (it is a folder, or {existing} is not writable); pass {flag} FILE")
-
-
 def append_jsonl(path, row):
     """One JSON line appended in one write: runs sharing a results log never interleave their lines."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -698,7 +689,7 @@ def run(args):
     outs = [default_out(args, scenes, len(plans) > 1) for scenes, _ in plans]
     for out in outs:  # all bad input is refused before any run folder is made, and before the slow part
         C.check_run(out, STAGE, overwrite=args.overwrite)
-    check_writable(args.results, "--results")
+    C.check_writable(args.results, "--results")
     datasets = [C.open_images(scenes, args.cache, args.workers, args.skip_bad_files) for scenes, _ in plans]
     torch.manual_seed(0)  # only a baseline with --pretrained none draws random numbers (its weights)
     models = load_models(args, kind, device)

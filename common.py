@@ -981,11 +981,7 @@ def check_run(out, stage, resume=False, overwrite=False):
     --overwrite), OUT.partial an unfinished one (continued with --resume, discarded with --overwrite)
     unless its process still runs."""
     out, go_on = os.path.abspath(out), "--resume to continue it, " if stage != "03_eval.py" else ""
-    existing = out
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the run folder {out} ({existing} is a file or not writable); pass another --out")
+    check_writable(out, "--out", "DIR")
     if os.path.exists(f"{out}.replaced"):
         raise UserError(f"{out}.replaced exists (a run stopped while it replaced {out}): move it back to {out} or "
                         f"delete it")
@@ -1007,7 +1003,8 @@ def check_run(out, stage, resume=False, overwrite=False):
     if resume and not os.path.isfile(f"{out}.partial/last.pt"):
         raise UserError(f"nothing to resume: {out}.partial/last.pt does not exist; drop --resume to start afresh")
     if os.path.exists(f"{out}.partial") and not (resume or overwrite):
-        raise UserError(f"{out}.partial holds an unfinished run (its process has ended); pass {go_on}--overwrite to start afresh, or another --out")
+        raise UserError(f"{out}.partial holds an unfinished run (its process has ended); pass {go_on}--overwrite to "
+                        f"start afresh, or another --out")
 
 
 @contextlib.contextmanager
@@ -1045,6 +1042,18 @@ def run_folder(out, stage, resume=False, overwrite=False):
         os.rename(out, f"{out}.replaced")
     os.rename(work, out)
     shutil.rmtree(f"{out}.replaced", ignore_errors=True)
+
+
+def check_writable(path, flag, kind="FILE"):
+    """That a FILE (or a DIR to make) can be written at `path`, writing nothing: no folder where a file
+    goes (or file where a folder goes), and the nearest existing folder above it writable."""
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    wrong = os.path.exists(path) and os.path.isdir(path) != (kind == "DIR")
+    if wrong or not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path} (" + (f"a {'file' if kind == 'DIR' else 'folder'} is there" if wrong else
+                        f"{existing} is not a writable folder") + f"); pass another {flag} {kind}")
 
 
 def write_atomic(path, write):
