@@ -52,7 +52,8 @@ def parse_args(argv=None):
     add("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1 (default: 0.0; the "
         "official code uses 0.2 for BigEarthNet)")
     add("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
-    add("--augment", default="flip", choices=("flip", "none"), help="random flips in fine-tuning (default: flip)")
+    add("--augment", default="flip", choices=("flip", "official", "none"), help="augmentation in fine-tuning: "
+        "random flips; the official code's flips, colour jitter, grey scale and blur; none (default: flip)")
     add("--alphas", type=float, nargs="+", default=[i / 10 for i in range(11)],
         help="interpolation weights to evaluate (default: 0, 0.1, ..., 1)")
     add("--alpha", type=float, default=0.5, help="alpha kept without --control (default: 0.5)")
@@ -102,6 +103,26 @@ def patching_loss(logits, labels, label_smoothing):
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
+def augmentation(kind, seed, step):
+    """--augment, a function of a [0, 1] batch: 'flip' random horizontal and vertical flips (remote-
+    sensing tiles have no upright); 'official' the official code's: the flips, then per image
+    ColorJitter(0.4, 0.4, 0.4) with p 0.8, RandomGrayscale p 0.2 and GaussianBlur (kernel 3x7, sigma
+    0.1-2) with p 0.4, as torchvision draws them; 'none' (None). Drawn from (seed, step) alone, so a
+    resumed run augments the same images alike."""
+    from torchvision.transforms import v2
+    colour = v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4)], p=0.8), v2.RandomGrayscale(p=0.2),
+                         v2.RandomApply([v2.GaussianBlur((3, 7), sigma=(0.1, 2.0))], p=0.4)])
+
+    def augment(x):
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global generator
+            torch.manual_seed(seed * 1000003 + step)
+            flip_h, flip_v = (torch.rand(2, len(x)) < 0.5).to(x.device)[:, :, None, None, None]
+            x = torch.where(flip_h, x.flip(-1), x)
+            x = torch.where(flip_v, x.flip(-2), x)
+            return torch.stack([colour(image) for image in x]) if kind == "official" else x
+    return None if kind == "none" else augment
+
+
 def finetune_one_epoch(model, head, dataset, optimizer, scheduler, epoch, step, total_steps, args, device):
     """One epoch of fine-tuning the image tower through the frozen head (up to step `total_steps`):
     (the step reached, the epoch's mean loss)."""
@@ -109,8 +130,8 @@ def finetune_one_epoch(model, head, dataset, optimizer, scheduler, epoch, step, 
     loss_sum, batches = 0.0, 0
     for batch in C.batch_loader(dataset, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
                                 workers=args.workers, desc=f"epoch {epoch}"):
-        flips = (args.seed, step) if args.augment == "flip" else None
-        images = C.clip_input(batch["images"], model.visual.preprocess_cfg, device, flips, dataset.scenes.pixels)
+        images = C.clip_input(batch["images"], model.visual.preprocess_cfg, device, dataset.scenes.pixels,
+                              augmentation(args.augment, args.seed, step))
         labels = batch["labels"].to(device)
         with C.autocast(device):
             logits = C.zeroshot_logits(model.encode_image(images), head, model.logit_scale)

@@ -414,16 +414,29 @@ def check_held_out(scenes, trained, what):
                         f"chosen; evaluate on the data and split seed it was trained with")
 
 
+class ImageList(list):
+    """A batch of 8-bit images of several sizes: a list of (H, W, 3) tensors (see clip_input)."""
+
+
 def parts(image):
     """A stored image as a tuple of arrays (one per resolution; a single array for most data sets)."""
-    return tuple(image) if isinstance(image, (tuple, list)) else (image,)
+    return tuple(image) if isinstance(image, (tuple, list)) and not isinstance(image, ImageList) else (image,)
+
+
+def stack(images, shape, dtype):
+    """Arrays of one kind as a batch: one tensor, or for 8-bit images of several sizes an ImageList."""
+    if not images:
+        return torch.from_numpy(np.zeros((0, *shape), dtype))
+    if all(image.shape == images[0].shape for image in images):
+        return torch.from_numpy(np.stack(images))
+    return ImageList(torch.from_numpy(np.array(image)) for image in images)
 
 
 class ImageFiles(Dataset):
     """`dataset[indices]`: a batch of raw images stacked channels-last as stored (uint8 RGB, uint16
     MS; a tuple of stacks, one per resolution, for BigEarthNet), their labels and indices, and `bad`
-    (path, reason) files (see batch_loader). A batch shares the first file's size: a file of another
-    size is bad, except an 8-bit RGB image, which is resized to it."""
+    (path, reason) files (see batch_loader). Sentinel-2 images share the first file's size (a file of
+    another size is bad); 8-bit RGB images of several sizes come as an ImageList."""
 
     def __init__(self, scenes, skip_bad_files=False):
         self.scenes, self.skip_bad_files, self.skipped = scenes, skip_bad_files, {}
@@ -456,38 +469,42 @@ class ImageFiles(Dataset):
         for i in indices:
             try:
                 image = parts(self.read_one(self.scenes.files[i]))
-                if [p.shape for p in image] != self.shapes:
-                    if self.scenes.modality == "ms":
-                        raise ValueError(f"has shape {image[0].shape}, the others have {self.shapes[0]}")
-                    image = (TF.resize(torch.from_numpy(image[0]).permute(2, 0, 1), list(self.shapes[0][:2]),
-                                       antialias=True).permute(1, 2, 0).numpy(),)
+                if self.scenes.modality == "ms" and [p.shape for p in image] != self.shapes:
+                    raise ValueError(f"has shape {image[0].shape}, the others have {self.shapes[0]}")
             except ValueError as e:
                 bad.append((os.path.join(self.scenes.root, self.scenes.files[i]), str(e)))
                 continue
             images.append(image)
             kept.append(i)
         kept = np.array(kept, np.int64)
-        stacks = [torch.from_numpy(np.stack([im[k] for im in images]) if images else np.zeros((0, *shape), dtype))
-                  for k, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes))]
+        stacks = [stack([im[k] for im in images], shape, dtype) for k, (shape, dtype) in enumerate(zip(self.shapes,
+                                                                                                    self.dtypes))]
         return {"images": stacks[0] if len(stacks) == 1 else tuple(stacks),
                 "labels": torch.from_numpy(self.scenes.labels[kept]), "index": torch.from_numpy(kept), "bad": bad}
 
 
 class PackedImages(Dataset):
-    """The batches of ImageFiles, sliced from memory-mapped .npy files of a whole split (one per
-    stored array, each at its own resolution)."""
+    """The batches of ImageFiles, sliced from a pack (see open_images): per stored array, the images'
+    bytes one after another (images.bin, memory-mapped) and their shapes (shapes.npy)."""
 
-    def __init__(self, folder, scenes, n_parts=1):
-        self.scenes, self.skipped = scenes, {}  # a pack holds no bad files
-        self.parts = [np.load(os.path.join(folder, f"images{k or ''}.npy"), mmap_mode="r") for k in range(n_parts)]
+    def __init__(self, folder, scenes):
+        self.scenes, self.skipped, self.parts = scenes, {}, []  # a pack holds no bad files
+        for k, dtype in enumerate(read_json(os.path.join(folder, "files.json"))["dtypes"]):
+            shapes = np.load(os.path.join(folder, f"shapes{k or ''}.npy"))
+            flat = np.memmap(os.path.join(folder, f"images{k or ''}.bin"), dtype, mode="r")
+            ends = np.cumsum(np.prod(shapes, axis=1))
+            self.parts.append(flat.reshape(len(shapes), *shapes[0]) if (shapes == shapes[0]).all() else
+                              (flat, shapes, ends - np.prod(shapes, axis=1), ends))  # images of several sizes
 
     def __len__(self):
-        return len(self.parts[0])
+        return len(self.scenes.files)
 
     def __getitem__(self, indices):
         indices = np.asarray(indices, np.int64)
         # one copy out of the page cache (np.take: 3-6x faster here than fancy indexing into a new array)
-        stacks = [torch.from_numpy(np.asarray(np.take(part, indices, axis=0))) for part in self.parts]
+        stacks = [torch.from_numpy(np.asarray(np.take(part, indices, axis=0))) if isinstance(part, np.ndarray) else
+                  stack([part[0][part[2][i]:part[3][i]].reshape(part[1][i]) for i in indices], None, None)
+                  for part in self.parts]
         return {"images": stacks[0] if len(stacks) == 1 else tuple(stacks),
                 "labels": torch.from_numpy(self.scenes.labels[indices]), "index": torch.from_numpy(indices), "bad": []}
 
@@ -505,16 +522,17 @@ def sha256_of(obj_or_path, chunk=1 << 20):
 
 
 def scenes_key(scenes):
-    """What identifies a split's images: the data root, split, seed and file list."""
+    """What identifies a split's images: the data root, split, seed and file list (and the pack's format)."""
     return {"root": os.path.abspath(scenes.root), "dataset": scenes.dataset, "split": scenes.split,
-            "seed": scenes.seed, "files_sha256": sha256_of(scenes.files)}
+            "seed": scenes.seed, "files_sha256": sha256_of(scenes.files), "pack": 2}
 
 
 def open_images(scenes, cache=None, workers=0, skip_bad_files=False):
     """The dataset of a split: ImageFiles, or with `cache` a PackedImages packed once into
-    cache/packed-<hash of scenes_key>/ and memory-mapped after. A run packs into a folder of its own
-    and renames it into place whole: runs sharing a cache never see half a pack (the later uses
-    the earlier one's). A pack holds the whole split: a bad file stops it, --skip-bad-files or not."""
+    cache/packed-<hash of scenes_key>/ and memory-mapped after: each image's bytes as read, whatever
+    its size. A run packs into a folder of its own and renames it into place whole: runs sharing a
+    cache never see half a pack (the later uses the earlier one's). A pack holds the whole split: a
+    bad file stops it, --skip-bad-files or not."""
     files = ImageFiles(scenes, skip_bad_files)
     if not cache:
         return files
@@ -524,18 +542,20 @@ def open_images(scenes, cache=None, workers=0, skip_bad_files=False):
         os.makedirs(cache, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache, prefix=os.path.basename(folder) + ".tmp")
         try:
-            stores = [np.lib.format.open_memmap(os.path.join(tmp, f"images{k or ''}.npy"), "w+", dtype,
-                                                (len(files), *shape))
-                      for k, (shape, dtype) in enumerate(zip(files.shapes, files.dtypes))]
+            shapes = [[] for _ in files.shapes]
+            streams = [open(os.path.join(tmp, f"images{k or ''}.bin"), "wb") for k in range(len(shapes))]
             files.skip_bad_files = False
             for batch in batch_loader(files, 512, workers=workers, hint="drop --cache to use --skip-bad-files"):
-                for store, images in zip(stores, parts(batch["images"])):
-                    store[batch["index"].numpy()] = images.numpy()
-            for store in stores:
-                store.flush()
-            del stores
+                for stream, shape, images in zip(streams, shapes, parts(batch["images"])):
+                    for image in images:  # in the split's order (the loader keeps it)
+                        stream.write(image.numpy().tobytes())
+                        shape.append(image.shape)
+            for k, stream in enumerate(streams):
+                stream.close()
+                np.save(os.path.join(tmp, f"shapes{k or ''}.npy"), np.array(shapes[k], np.int64))
             np.save(os.path.join(tmp, "labels.npy"), scenes.labels)
-            write_json(os.path.join(tmp, "files.json"), {**scenes_key(scenes), "files": scenes.files})
+            write_json(os.path.join(tmp, "files.json"), {**scenes_key(scenes), "files": scenes.files,
+                                                         "dtypes": [str(d) for d in files.dtypes]})
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700; give the pack the usual permissions
             os.rename(tmp, folder)  # fails when another run's pack got there first: that one is used
         except OSError:
@@ -543,7 +563,7 @@ def open_images(scenes, cache=None, workers=0, skip_bad_files=False):
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return PackedImages(folder, scenes, len(files.shapes))
+    return PackedImages(folder, scenes)
 
 
 def training_batches(n, batch_size):
@@ -634,42 +654,41 @@ def resize_and_crop(x, size, interpolation, clip_to=None, resize_mode="shortest"
     return TF.center_crop(x, list(target))  # crops, or pads with 0 where the image is smaller
 
 
-def random_flips(x, seed, step):
-    """Random horizontal and vertical flips (remote-sensing tiles have no upright), drawn from
-    (seed, step) alone so that a resumed run flips the same images."""
-    g = torch.Generator().manual_seed(seed * 1000003 + step)
-    flip_h, flip_v = (torch.rand(2, len(x), generator=g) < 0.5).to(x.device)[:, :, None, None, None]
-    x = torch.where(flip_h, x.flip(-1), x)
-    return torch.where(flip_v, x.flip(-2), x)
-
-
-def clip_input(raw, preprocess_cfg, device, flip_seed_step=None, pixels=None):
-    """CLIP's input from a raw batch, on the device: 8-bit RGB (B, H, W, 3) as is, or Sentinel-2
-    bands (`pixels`: the data set's format, see s2_bands) through rgb_composite() with the data
-    set's constant; then /255, open_clip's resize and centre crop, optional random flips, and
-    normalisation with the model's mean and std. `preprocess_cfg` is the model's own
-    (model.visual.preprocess_cfg): size (int for ResNets, (h, w) for ViTs), resize mode,
-    interpolation, mean and std, as open_clip's validation transform uses them."""
+def clip_pixels(raw, preprocess_cfg, device, pixels=None):
+    """A raw batch as CLIP's pixels in [0, 1], on the device: 8-bit RGB (B, H, W, 3) as is, or
+    Sentinel-2 bands (`pixels`: the data set's format, see s2_bands) through rgb_composite() with
+    the data set's constant; then /255, and open_clip's resize and centre crop."""
     if pixels is None:
         x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         assert x.shape[1] == 3, "Sentinel-2 bands need their data set's pixels= (bands, RGB constant)"
     else:
         x = rgb_composite(s2_bands(raw, pixels, device), pixels.rgb_max)
-    x = resize_and_crop(x / 255.0, preprocess_cfg["size"], preprocess_cfg["interpolation"], clip_to=(0, 1),
-                        resize_mode=preprocess_cfg.get("resize_mode", "shortest"))
-    if flip_seed_step is not None:
-        x = random_flips(x, *flip_seed_step)
+    return resize_and_crop(x / 255.0, preprocess_cfg["size"], preprocess_cfg["interpolation"], clip_to=(0, 1),
+                           resize_mode=preprocess_cfg.get("resize_mode", "shortest"))
+
+
+def clip_input(raw, preprocess_cfg, device, pixels=None, augment=None):
+    """CLIP's input from a raw batch (see clip_pixels; 8-bit images of several sizes, an ImageList:
+    each resized and cropped alone, as open_clip's transform does), an optional `augment` (a
+    function of the [0, 1] batch), then normalisation with the model's mean and std. `preprocess_cfg`
+    is the model's own (model.visual.preprocess_cfg): size (int for ResNets, (h, w) for ViTs), resize
+    mode, interpolation, mean and std, as open_clip's validation transform uses them."""
+    if isinstance(raw, ImageList):
+        x = torch.cat([clip_pixels(image[None], preprocess_cfg, device) for image in raw])
+    else:
+        x = clip_pixels(raw, preprocess_cfg, device, pixels)
+    if augment is not None:
+        x = augment(x)
     return TF.normalize(x, list(preprocess_cfg["mean"]), list(preprocess_cfg["std"]))
 
 
-def ms_input(raw, size, device, flip_seed_step=None, pixels=None):
+def ms_input(raw, size, device, pixels=None):
     """The student's input from a raw Sentinel-2 batch, on the device: the 13 bands on one grid
     (s2_bands; `pixels` None: EuroSAT's (B, H, W, 13) uint16), reflectance (digital number / 10000,
-    clipped to [0, 1]), bicubic resize to the student's input size, optional random flips."""
+    clipped to [0, 1]), bicubic resize to the student's input size."""
     x = s2_bands(raw, pixels or Pixels((S2_BANDS,), None), device)
     x = torch.clamp(x * REFLECTANCE_SCALE, 0, 1)
-    x = resize_and_crop(x, size, "bicubic")
-    return x if flip_seed_step is None else random_flips(x, *flip_seed_step)
+    return resize_and_crop(x, size, "bicubic")
 
 
 # ============================================================================ models

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 
+patch = importlib.import_module("01_patch_clip")  # its augmentation
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,7 +163,8 @@ def main():
         sched1 = C.cosine_schedule(opt1, 1000, 100)
 
         def stage1_step(batch):
-            images = C.clip_input(batch["images"], preprocess_cfg, device, flip_seed_step=(0, 0), pixels=scenes.pixels)
+            images = C.clip_input(batch["images"], preprocess_cfg, device, scenes.pixels,
+                                  patch.augmentation("flip", 0, 0))
             with C.autocast(device):
                 loss = F.cross_entropy(C.zeroshot_logits(model.encode_image(images), head, model.logit_scale),
                                        batch["labels"].to(device))

@@ -8,7 +8,9 @@ import pytest
 import tifffile
 import torch
 import torchvision.transforms.functional as TVF
-from conftest import EUROSAT_CLASSES, SHARED_MS, TINY_CLIP, hash_split, make_eurosat_ms, split_count, make_eurosat_rgb
+import torch.nn.functional as F
+from conftest import (EUROSAT_CLASSES, SHARED_MS, TINY_CLIP, hash_split, load_stage, make_eurosat_ms, make_eurosat_rgb,
+                      split_count)
 from PIL import Image
 
 import common as C
@@ -96,7 +98,7 @@ def test_read_s2_tif_checks_bands_and_dtype_and_accepts_bands_first(tmp_path):
             C.read_s2_tif(str(tmp_path / name))
 
 
-def test_image_files_reports_bad_files_per_batch_and_resizes_odd_rgb_tiles(tmp_path):
+def test_image_files_reports_bad_files_per_batch_and_keeps_odd_rgb_tiles_whole(tmp_path):
     root = make_eurosat_rgb(tmp_path / "rgb", per_class=2, classes=EUROSAT_CLASSES[:2], size=16)
     scenes = C.list_scenes("eurosat", root)
     (open(os.path.join(scenes.root, scenes.files[0]), "wb")).write(b"not a jpeg")  # the very first file
@@ -106,8 +108,37 @@ def test_image_files_reports_bad_files_per_batch_and_resizes_odd_rgb_tiles(tmp_p
     batch = files[[0, 1, 2, 3]]
     assert [os.path.basename(p) for p, _ in batch["bad"]] == [os.path.basename(scenes.files[0])]
     assert batch["index"].tolist() == [1, 2, 3] and batch["labels"].tolist() == scenes.labels[1:].tolist()
-    assert batch["images"].shape == (3, 16, 16, 3) and batch["images"].dtype == torch.uint8
-    assert torch.all(batch["images"][1] == 77)  # the 20x12 tile, resized to the others' 16x16
+    # images of several sizes come as an ImageList, each as stored: the 20x12 tile is neither resized nor squashed
+    assert [tuple(image.shape) for image in batch["images"]] == [(16, 16, 3), (20, 12, 3), (16, 16, 3)]
+    assert torch.all(batch["images"][1] == 77) and batch["images"][0].dtype == torch.uint8
+    assert files[[1, 3]]["images"].shape == (2, 16, 16, 3)  # one size: one tensor
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["files", "--cache"])
+def test_landscape_and_portrait_in_one_batch_reach_clip_as_open_clip_preprocesses_them(tmp_path, cache):
+    """A reviewer's scenario: a 375x500 portrait after a 500x375 landscape (as ImageNet's validation
+    images) was resized to the landscape's size before CLIP's resize and crop (cosine 0.93 to open_clip's
+    own preprocessing and encoding of the file). Each image must equal open_clip's preprocess +
+    encode_image of its file, whatever else is in its batch, also through a packed cache."""
+    import open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP, force_image_size=64)
+    model.eval()
+    rng = np.random.default_rng(0)
+    for k, (name, (h, w)) in enumerate([("a_land", (75, 100)), ("b_port", (100, 75)), ("c_odd", (64, 61))]):
+        os.makedirs(tmp_path / "folder" / f"class{k}")
+        y, x = np.mgrid[0:h, 0:w]  # a scene with structure in both directions, so a squash shows
+        image = np.stack([(x * 255 // w), (y * 255 // h), rng.integers(0, 255, (h, w))], -1).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "folder" / f"class{k}" / f"{name}.png")
+    scenes = C.load_split("folder", str(tmp_path / "folder"), "all", 0)
+    dataset = C.open_images(scenes, cache=str(tmp_path / "cache") if cache else None)
+    batch = next(C.batch_loader(dataset, 8))
+    assert isinstance(batch["images"], C.ImageList) and len(batch["images"]) == 3
+    got = C.clip_input(batch["images"], model.visual.preprocess_cfg, "cpu")
+    expected = torch.stack([preprocess(Image.open(tmp_path / "folder" / f)) for f in scenes.files])
+    assert (got - expected).abs().max() < 0.02  # normalised units: about one grey level of 255
+    with torch.no_grad():
+        cosine = F.cosine_similarity(model.encode_image(got), model.encode_image(expected))
+    assert cosine.min() > 0.999, cosine
 
 
 # ----------------------------------------------------------------------------- batches and the packed cache
@@ -155,10 +186,10 @@ def test_packed_cache_equals_the_files_is_reused_and_is_rekeyed(tmp_path, capsys
     first = tifffile.imread(os.path.join(root, train.files[0]))
     assert np.array_equal(np.asarray(packed.parts[0][0]), first)
     folders = sorted(os.listdir(cache))
-    stamp = os.path.getmtime(os.path.join(cache, folders[0], "images.npy"))
+    stamp = os.path.getmtime(os.path.join(cache, folders[0], "images.bin"))
     again = C.open_images(train, cache=cache)
     assert "packing" not in capsys.readouterr().out and sorted(os.listdir(cache)) == folders
-    assert os.path.getmtime(os.path.join(cache, folders[0], "images.npy")) == stamp
+    assert os.path.getmtime(os.path.join(cache, folders[0], "images.bin")) == stamp
     assert torch.equal(again[[0, 1]]["images"], packed[[0, 1]]["images"])
     # another split or another split seed packs another folder
     C.open_images(C.load_split("eurosat_ms", root, "val", 0), cache=cache)
@@ -231,17 +262,44 @@ def test_clip_input_matches_open_clip_preprocessing(tmp_path, clip_preprocess, s
     assert (got - expected).abs().max() < 0.02  # normalised units: about one grey level of 255
 
 
-def test_clip_input_flips_whole_images(clip_preprocess):
+def test_augmentation_flips_whole_images_and_is_drawn_from_seed_and_step(clip_preprocess):
+    augmentation = load_stage("01_patch_clip.py").augmentation
     _, cfg = clip_preprocess
     raw = torch.randint(0, 255, (16, 40, 40, 3), dtype=torch.uint8)
     plain = C.clip_input(raw, cfg, "cpu")
-    flipped = C.clip_input(raw, cfg, "cpu", flip_seed_step=(0, 7))
+    flipped = C.clip_input(raw, cfg, "cpu", augment=augmentation("flip", 0, 7))
     kinds = []
     for x, y in zip(plain, flipped):
         options = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
         kinds.append(next(i for i, o in enumerate(options) if torch.equal(o, y)))
     assert len(set(kinds)) > 1  # some images flipped, in more than one way
-    assert torch.equal(flipped, C.clip_input(raw, cfg, "cpu", flip_seed_step=(0, 7)))  # drawn from (seed, step)
+    assert torch.equal(flipped, C.clip_input(raw, cfg, "cpu", augment=augmentation("flip", 0, 7)))
+    assert augmentation("none", 0, 7) is None
+
+
+def test_official_augmentation_is_torchvisions_per_image_and_leaves_the_global_generator_alone():
+    """--augment official: the flips of 'flip', then for each image its own draw of torchvision's
+    ColorJitter(0.4, 0.4, 0.4) p 0.8, RandomGrayscale p 0.2, GaussianBlur((3, 7), (0.1, 2)) p 0.4
+    (the official transforms.py), recomputed here with torchvision from the same seed."""
+    from torchvision.transforms import v2
+    augmentation = load_stage("01_patch_clip.py").augmentation
+    x = torch.rand(12, 3, 24, 24)
+    before = torch.get_rng_state()
+    got = augmentation("official", 3, 5)(x)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(3 * 1000003 + 5)
+    flip_h, flip_v = torch.rand(2, 12) < 0.5
+    colour = v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4)], p=0.8), v2.RandomGrayscale(p=0.2),
+                         v2.RandomApply([v2.GaussianBlur((3, 7), sigma=(0.1, 2.0))], p=0.4)])
+    expected = []
+    for image, h, v in zip(x, flip_h, flip_v):
+        image = image.flip(-1) if h else image
+        expected.append(colour(image.flip(-2) if v else image))
+    torch.testing.assert_close(got, torch.stack(expected))
+    flips_only = augmentation("flip", 3, 5)(x)
+    changed = [not torch.equal(a, b) for a, b in zip(got, flips_only)]
+    assert 3 <= sum(changed) <= 12  # p 0.8 / 0.2 / 0.4: most images, each its own way
+    assert torch.equal(got, augmentation("official", 3, 5)(x)) and not torch.equal(got, augmentation("official", 3, 6)(x))
 
 
 @pytest.mark.parametrize("size", [32, 224])
