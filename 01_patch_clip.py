@@ -48,9 +48,9 @@ def parse_args(argv=None):
     add("--batch-size", type=int, default=128, help="images per step (default: 128)")
     add("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default: 1e-5)")
     add("--wd", type=float, default=0.1, help="AdamW weight decay (default: 0.1, PAINT; the paper's released config: 0.5)")
-    add("--warmup", type=int, default=200, help="linear warm-up steps, at most a tenth of the run (default: 200)")
-    add("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1 (default: 0.0; the "
-        "official code uses 0.2 for BigEarthNet)")
+    add("--warmup", type=int, help="linear warm-up steps (default: 200, at most a tenth of the run)")
+    add("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1 (default: 0.0, as in "
+        "effect in the official code: its smoothing=0.2 leaves multi-label targets at 0/1, README)")
     add("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
     add("--augment", default="flip", choices=("flip", "official", "none"), help="augmentation in fine-tuning: "
         "random flips; the official code's flips, colour jitter, grey scale and blur; none (default: flip)")
@@ -96,7 +96,8 @@ def interpolate_weights(theta_0, theta_1, alpha):
 def patching_loss(logits, labels, label_smoothing):
     """The fine-tuning loss through the frozen head: cross-entropy for one class per image; for
     (B, C) 0/1 multi-label targets binary cross-entropy with each target moved towards 0.5 by
-    label_smoothing / 2 (timm's BinaryCrossEntropy with smooth_dense)."""
+    label_smoothing / 2 (timm's BinaryCrossEntropy with smooth_dense). The official BigEarthNet run's
+    BinaryCrossEntropy(smoothing=0.2) has no smooth_dense, so its targets stay 0/1: label_smoothing 0."""
     if labels.ndim == 2:
         from timm.loss import BinaryCrossEntropy
         return BinaryCrossEntropy(smoothing=label_smoothing, smooth_dense=True)(logits.float(), labels.float())
@@ -128,7 +129,7 @@ def finetune_one_epoch(model, head, dataset, optimizer, scheduler, epoch, step, 
     (the step reached, the epoch's mean loss)."""
     model.train()
     loss_sum, batches = 0.0, 0
-    for batch in C.batch_loader(dataset, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
+    for batch in C.batch_loader(dataset, args.batch_size, train=True, seed=args.seed, epoch=epoch,
                                 workers=args.workers, desc=f"epoch {epoch}"):
         images = C.clip_input(batch["images"], model.visual.preprocess_cfg, device, dataset.scenes.pixels,
                               augmentation(args.augment, args.seed, step))
@@ -242,7 +243,7 @@ def run(args):
     theta_zeroshot = copy.deepcopy(model.visual.state_dict())
     batches_per_epoch = C.training_batches(len(train_ds), args.batch_size)
     total_steps = min(args.epochs * batches_per_epoch, args.max_steps if args.max_steps is not None else math.inf)
-    warmup_steps = min(args.warmup, total_steps // 10)
+    warmup_steps = min(args.warmup, total_steps) if args.warmup is not None else min(200, total_steps // 10)
     optimizer = torch.optim.AdamW(model.visual.parameters(), lr=args.lr, weight_decay=args.wd)
     scheduler = C.cosine_schedule(optimizer, total_steps, warmup_steps)
     identity = C.run_identity(args, train_files_sha256=C.sha256_of(train.files))

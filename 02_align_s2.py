@@ -40,6 +40,7 @@ def parse_args(argv=None):
         "the data it was patched on, else the data set's own; README)")
     add("--student", default="vit_small_patch16_224", help="timm architecture (default: vit_small_patch16_224)")
     add("--input-size", type=int, help="student input side in pixels (default: the timm model's, 224)")
+    add("--drop-path", type=float, default=0.2, help="the student's stochastic depth rate (default: 0.2)")
     add("--student-weights", help="SSL4EO-S12-style backbone checkpoint (default: random init)")
     add("--student-weights-bands", default="ssl4eo", choices=("ssl4eo", "eurosat"), help="band order of its patch "
         "embedding: SSL4EO-S12's (B8A after B08) or EuroSAT's (B8A last) (default: ssl4eo)")
@@ -52,7 +53,9 @@ def parse_args(argv=None):
     add("--batch-size", type=int, default=256, help="images per step (default: 256)")
     add("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default: 1e-4)")
     add("--wd", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    add("--warmup", type=int, default=200, help="linear warm-up steps, at most a tenth of the run (default: 200)")
+    add("--warmup", type=int, help="linear warm-up steps (default: 2000, at most a tenth of the run)")
+    add("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="shuffle the training scenes each "
+        "epoch (default: shuffle; the official run did not)")
     add("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
     add("--seed", type=int, default=0, help="seed of the student's init and the data order (default: 0)")
     add("--device", help="torch device (default: cuda if available, else cpu)")
@@ -94,7 +97,7 @@ def train_one_epoch(student, dataset, teacher_emb, head, logit_scale, optimizer,
     mean losses {train_loss, train_mse, train_ce}."""
     student.train()
     sums, batches = {"loss": 0.0, "mse": 0.0, "ce": 0.0}, 0
-    for batch in C.batch_loader(dataset, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch,
+    for batch in C.batch_loader(dataset, args.batch_size, train=True, shuffle=args.shuffle, seed=args.seed, epoch=epoch,
                                 workers=args.workers, desc=f"epoch {epoch}"):
         images = C.ms_input(batch["images"], student.input_size, device, pixels=dataset.scenes.pixels)
         targets = teacher_emb[batch["index"]].to(device, non_blocking=True)
@@ -258,7 +261,8 @@ def run(args):
 
     # ------------------------------------------------------------------ student, optimizer
     torch.manual_seed(args.seed)
-    student = C.Student(args.student, teacher.visual.output_dim, args.input_size)  # to CLIP's embedding size
+    student = C.Student(args.student, teacher.visual.output_dim, args.input_size,  # to CLIP's embedding size
+                        drop_path_rate=args.drop_path)
     if args.student_weights:
         load_backbone_weights(student, args.student_weights, args.student_weights_bands)
     student.to(device)
@@ -266,7 +270,7 @@ def run(args):
           f"{student.input_size}px input, projection to {teacher.visual.output_dim}-d")
     batches_per_epoch = C.training_batches(len(train_ds), args.batch_size)
     total_steps = min(args.epochs * batches_per_epoch, args.max_steps if args.max_steps is not None else math.inf)
-    warmup_steps = min(args.warmup, total_steps // 10)
+    warmup_steps = min(args.warmup, total_steps) if args.warmup is not None else min(2000, total_steps // 10)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.wd)
     scheduler = C.cosine_schedule(optimizer, total_steps, warmup_steps)
     identity = C.run_identity(args, train_files_sha256=C.sha256_of(train.files), teacher_sha256=meta["weights_sha256"])

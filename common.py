@@ -572,17 +572,17 @@ def training_batches(n, batch_size):
     return n // batch_size + (n % batch_size > 1)
 
 
-def batch_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, workers=0, desc=None, hint=None):
-    """The batches of a dataset, a progress bar `desc` on a terminal. With `shuffle` (training), epoch
-    e's order is a permutation drawn from seed and e alone (a resumed run sees the same batches),
-    in training_batches() batches. A file that cannot be read stops the run in one line naming it,
-    or with the dataset's skip_bad_files is left out and listed in dataset.skipped."""
+def batch_loader(dataset, batch_size, train=False, shuffle=True, seed=0, epoch=0, workers=0, desc=None, hint=None):
+    """The batches of a dataset in its order, a progress bar `desc` on a terminal. In training (`train`):
+    training_batches() batches, and (with `shuffle`) epoch e's order a permutation drawn from seed and
+    e alone (a resumed run sees the same batches). A file that cannot be read stops the run in one line
+    naming it, or with the dataset's skip_bad_files is left out and listed in dataset.skipped."""
     from tqdm import tqdm
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist() \
-        if shuffle else list(range(n))
+        if train and shuffle else list(range(n))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if shuffle:
+    if train:
         batches = batches[:training_batches(n, batch_size)]
     if isinstance(dataset, PackedImages):  # a batch from a memory map is one copy: worker processes would only
         workers = 0                          # add another, through shared memory
@@ -913,7 +913,7 @@ class Student(torch.nn.Module):
     """The Sentinel-2 encoder: a timm backbone with a len(S2_BANDS)-band patch embedding, its
     pooled features, then a linear projection to CLIP's embedding size."""
 
-    def __init__(self, arch, embed_dim, input_size=None, in_chans=len(S2_BANDS)):
+    def __init__(self, arch, embed_dim, input_size=None, in_chans=len(S2_BANDS), drop_path_rate=0.0):
         super().__init__()
         import timm
         cfg = timm.get_pretrained_cfg(arch)
@@ -921,10 +921,11 @@ class Student(torch.nn.Module):
             raise UserError(f"--student {arch} is not a timm model; see timm.list_models(), e.g. vit_small_patch16_224")
         self.input_size = input_size or cfg.input_size[-1]
         size = {"img_size": self.input_size} if self.input_size != cfg.input_size[-1] else {}
+        kw = dict(pretrained=False, in_chans=in_chans, num_classes=0, drop_path_rate=drop_path_rate)
         try:
-            self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0, **size)
+            self.backbone = timm.create_model(arch, **kw, **size)
         except TypeError:  # a CNN has no fixed input size: it takes any --input-size as it is
-            self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0)
+            self.backbone = timm.create_model(arch, **kw)
         self.proj = torch.nn.Linear(self.backbone.num_features, embed_dim)
 
     def forward(self, x):

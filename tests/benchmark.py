@@ -81,7 +81,7 @@ def sync(device):
 
 def loader_rate(dataset, args, device, max_images=None):
     """Images/s of the loader alone (the first batch, which starts the workers, is not timed)."""
-    loader = C.batch_loader(dataset, args.batch_size, shuffle=True, workers=args.workers)  # pins memory on CUDA
+    loader = C.batch_loader(dataset, args.batch_size, train=True, workers=args.workers)  # pins memory on CUDA
     next(loader)
     n, start = 0, time.perf_counter()
     for batch in loader:
@@ -104,7 +104,7 @@ def step_rates(step, dataset, args, device):
     sync(device)
     b = args.steps * args.batch_size / (time.perf_counter() - start)
     # main() lists at least (steps + 2) batches of images: the steps + 1 batches taken here are all whole
-    loader = C.batch_loader(dataset, args.batch_size, shuffle=True, workers=args.workers)
+    loader = C.batch_loader(dataset, args.batch_size, train=True, workers=args.workers)
     step(next(loader))
     sync(device)
     start = time.perf_counter()

@@ -125,7 +125,7 @@ def test_packed_cache_equals_the_tifs_and_stores_each_band_at_its_resolution(tmp
     assert isinstance(packed, C.PackedImages) and [p.shape[1:] for p in packed.parts] == [
         (120, 120, 4), (60, 60, 6), (20, 20, 2)]
     assert sum(p[0].nbytes for p in packed.parts) == 160_000  # bytes a patch, as the 12 tifs' pixels
-    for kw in ({}, {"shuffle": True, "seed": 1}):
+    for kw in ({}, {"train": True, "seed": 1}):
         for a, b in zip(C.batch_loader(packed, 4, **kw), C.batch_loader(files, 4, **kw)):
             assert all(torch.equal(x, y) for x, y in zip(a["images"], b["images"]))
             assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["index"], b["index"])
@@ -214,6 +214,11 @@ def test_multilabel_patching_loss_is_smoothed_binary_cross_entropy():
         p = torch.sigmoid(logits.double())
         expected = -(t * p.log() + (1 - t) * (1 - p).log()).mean()
         assert stage.patching_loss(logits, labels, eps).item() == pytest.approx(expected.item(), rel=1e-5)
+    # the official BigEarthNet config's BinaryCrossEntropy(smoothing=0.2) has no smooth_dense: 0/1 targets, 0 here
+    from timm.loss import BinaryCrossEntropy
+    official = BinaryCrossEntropy(smoothing=0.2)(logits, labels.float()).item()
+    assert stage.patching_loss(logits, labels, 0.0).item() == pytest.approx(official, rel=1e-6)
+    assert stage.patching_loss(logits, labels, 0.2).item() != pytest.approx(official, rel=1e-3)
     assert stage.patching_loss(logits, labels[:, 0] * 3, 0.1).item() == pytest.approx(
         F.cross_entropy(logits, labels[:, 0] * 3, label_smoothing=0.1).item())  # one class per image: CE
 

@@ -157,10 +157,11 @@ def test_batch_loader_order_depends_on_seed_and_epoch():
     order = lambda **kw: [b["index"].tolist() for b in C.batch_loader(Indices(), 5, **kw)]
     plain = order()
     assert plain == [list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)]
-    shuffled = order(shuffle=True, seed=3, epoch=1)
-    assert shuffled == order(shuffle=True, seed=3, epoch=1)
+    shuffled = order(train=True, seed=3, epoch=1)
+    assert shuffled == order(train=True, seed=3, epoch=1)
     assert sorted(sum(shuffled, [])) == list(range(23)) and shuffled != plain
-    assert shuffled != order(shuffle=True, seed=3, epoch=2) and shuffled != order(shuffle=True, seed=4, epoch=1)
+    assert shuffled != order(train=True, seed=3, epoch=2) and shuffled != order(train=True, seed=4, epoch=1)
+    assert order(train=True, shuffle=False, seed=3, epoch=1) == plain  # stage 2's --no-shuffle, as the official run
 
 
 def all_batches(dataset, **kw):
@@ -175,7 +176,7 @@ def test_packed_cache_equals_the_files_is_reused_and_is_rekeyed(tmp_path, capsys
     assert "packing" in capsys.readouterr().out
     files = C.open_images(train)
     assert isinstance(packed, C.PackedImages) and isinstance(files, C.ImageFiles)
-    for kw in ({}, {"shuffle": True, "seed": 5, "epoch": 2}):
+    for kw in ({}, {"train": True, "seed": 5, "epoch": 2}):
         a, b = all_batches(packed, **kw), all_batches(files, **kw)
         n = split_count(root, "train")
         assert len(a) == len(b) == (C.training_batches(n, 4) if kw else -(-n // 4))  # batches of 4 (training: none of 1)

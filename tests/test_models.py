@@ -200,7 +200,7 @@ def test_a_last_training_batch_of_one_image_is_left_out():
         def __getitem__(self, indices):
             return {"index": torch.tensor(indices), "bad": []}
     assert C.training_batches(13, 4) == 3 and C.training_batches(14, 4) == 4 and C.training_batches(12, 4) == 3
-    train = list(C.batch_loader(Indices(13), 4, shuffle=True, seed=0))
+    train = list(C.batch_loader(Indices(13), 4, train=True, seed=0))
     assert [len(b["index"]) for b in train] == [4, 4, 4]
-    assert [len(b["index"]) for b in C.batch_loader(Indices(14), 4, shuffle=True, seed=0)] == [4, 4, 4, 2]
+    assert [len(b["index"]) for b in C.batch_loader(Indices(14), 4, train=True, seed=0)] == [4, 4, 4, 2]
     assert sum(len(b["index"]) for b in C.batch_loader(Indices(13), 4)) == 13

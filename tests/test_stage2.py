@@ -348,3 +348,20 @@ def test_rgb_data_set_is_refused(tmp_path, patched_run, rgb_root, capsys):
     args[args.index("--root") + 1] = rgb_root
     expect_error(capsys, [*args, "--data", "eurosat"], "Sentinel-2", "--data eurosat_ms")
     assert not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- the official run's flags
+
+
+def test_official_flags_drop_path_no_shuffle_and_an_exact_warm_up(patched_run, tmp_path, capsys):
+    """The README's official command block: --drop-path (the student's stochastic depth, 0.2 by default
+    as the official vit-s-16 config), --no-shuffle (the official align.json) and --warmup N, used as
+    given (the default, 2000, is capped at a tenth of the run so that short runs leave warm-up)."""
+    result = align.main(align_args(patched_run, tmp_path / "a", "--no-shuffle", "--warmup", "3", "--no-plots",
+                                   epochs=1))
+    assert "warm-up 3)" in capsys.readouterr().out
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in result["student"].backbone.blocks]
+    assert rates[-1] == pytest.approx(0.2) and rates[0] == 0.0  # timm's linear rule up to --drop-path
+    default = align.main(align_args(patched_run, tmp_path / "b", "--drop-path", "0", "--no-plots", epochs=1))
+    assert all(block.drop_path1.__class__.__name__ == "Identity" for block in default["student"].backbone.blocks)
+    assert "warm-up 0)" in capsys.readouterr().out  # a tenth of this short run
