@@ -275,6 +275,10 @@ def run(args):
     scheduler = C.cosine_schedule(optimizer, total_steps, warmup_steps)
     identity = C.run_identity(args, train_files_sha256=C.sha256_of(train.files), teacher_sha256=meta["weights_sha256"])
 
+    # the targets, before a resume restores the random state (embedding draws from torch's generator)
+    train_targets = teacher_embeddings(teacher, meta, train_ds, device, args)
+    val_targets = teacher_embeddings(teacher, meta, val_ds, device, args)
+
     with C.run_folder(args.out, STAGE, args.resume, args.overwrite) as work:
         start_epoch, step, history = 0, 0, []
         if args.resume:  # checked before anything is written: a refused resume leaves the stopped run as it was
@@ -285,8 +289,6 @@ def run(args):
             C.save_torch(os.path.join(work, "student_init.pt"), student_record(student, args.student, meta,
                                                                               args.teacher, train))
         C.write_json(os.path.join(work, "args.json"), C.describe_run(args, device, STAGE))
-        train_targets = teacher_embeddings(teacher, meta, train_ds, device, args)
-        val_targets = teacher_embeddings(teacher, meta, val_ds, device, args)
 
         # -------------------------------------------------------------- training
         print(f"training {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")

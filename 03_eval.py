@@ -50,6 +50,8 @@ def parse_args(argv=None):
         "(default: none, the un-patched --model/--pretrained)")
     add("--model", help="open_clip model of the un-patched baseline (default: ViT-B-32)")
     add("--pretrained", help="its open_clip tag, weights file, or 'none' (default: openai)")
+    add("--name", help="the un-patched model's name in --summary, e.g. RemoteCLIP for its weights file (default: "
+        "CLIP and the tag, or the weights file's name)")
     add("--teacher", help="the student's teacher, a stage-1 run folder (default: the one it records)")
     add("--data", nargs="+", metavar="NAME[=ROOT]", help="data sets to evaluate, NAME one of the README's data "
         "table (default: the checkpoint's own; eurosat for the baseline)")
@@ -197,24 +199,27 @@ def cross_modal(ms, rgb):
 def read_checkpoint(args):
     """What --ckpt is, before a model is loaded: (kind, the student's record, the CLIP's patched.json).
     A file is evaluated as what it is: student.pt a student, a file of a patched CLIP (patched.json,
-    its config or weights) that CLIP; a folder by the patched.json or student.pt it holds. Fills in
-    the baseline's model and the student's teacher."""
+    its config or weights) that CLIP, stage 1's finetuned.pt the fine-tuned image tower (alpha 1, for
+    PAINT's comparison); a folder by the patched.json or student.pt it holds. Fills in the baseline's
+    model and the student's teacher."""
     teacher_error = C.UserError("--teacher is for a student checkpoint; drop it or pass --ckpt OUT/student.pt")
     if args.ckpt is None:
         if args.teacher:
             raise teacher_error
         args.model, args.pretrained = args.model or "ViT-B-32", args.pretrained or "openai"
         return "baseline", None, None
-    if args.model or args.pretrained:
-        raise C.UserError("--model/--pretrained are for the un-patched baseline; a --ckpt records its own model, drop them")
+    if args.model or args.pretrained or args.name:
+        raise C.UserError("--model/--pretrained/--name are for the un-patched baseline; a --ckpt records its own model, "
+                          "drop them")
     if not os.path.exists(args.ckpt):
         raise C.UserError(f"--ckpt {args.ckpt} does not exist; {CKPT_HINT}")
     folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt) or "."
+    name = os.path.basename(args.ckpt)
     if os.path.isfile(os.path.join(folder, "patched.json")) and (
-            folder == args.ckpt or os.path.basename(args.ckpt) in ("patched.json", C.OPEN_CLIP_CONFIG, C.OPEN_CLIP_WEIGHTS)):
+            folder == args.ckpt or name in ("patched.json", C.OPEN_CLIP_CONFIG, C.OPEN_CLIP_WEIGHTS, "finetuned.pt")):
         if args.teacher:
             raise teacher_error
-        return "patched", None, C.read_json(os.path.join(folder, "patched.json"))
+        return "finetuned" if name == "finetuned.pt" else "patched", None, C.read_json(os.path.join(folder, "patched.json"))
     if os.path.isdir(args.ckpt):
         if not os.path.isfile(os.path.join(args.ckpt, "student.pt")):
             inside = sorted(f for f in os.listdir(args.ckpt) if f.endswith((".pt", ".json", ".safetensors")))
@@ -240,7 +245,7 @@ def trainings(args, kind, record, clip_meta):
     train_scenes}], train_scenes a function returning its set of scene ids (read only when needed)."""
     out = []
     if clip_meta is not None:
-        path = args.ckpt if kind == "patched" else args.teacher
+        path = args.teacher if kind == "student" else args.ckpt
         file = os.path.join(C.patched_folder(path), clip_meta["train_scenes"])
         out.append({"path": path, "encoder": "clip_rgb", "record": clip_meta, "seed": clip_meta["split_seed"],
                     "train_scenes": lambda: C.read_scenes(file, clip_meta["train_scenes_sha256"])})
@@ -275,14 +280,19 @@ def data_specs(args, records):
 
 def plan_split(name, root, args, kind, records):
     """The scenes to evaluate on one data set and, for each image encoder, the case: 'trained on'
-    when the data set shows the scenes the model was trained on: only the split it held out, with
+    when the data set shows the scenes the model was trained on (trained_on; or a folder of the same
+    classes holding scene ids it was trained on: a copy of its data): only the split it held out, with
     its seed, is evaluated and checked against its training scenes; else 'transfer' (the test split,
     an official one where the data set has it; --split all takes every image)."""
     scenes = C.list_scenes(name, root)
     if kind == "student" and scenes.modality != "ms":
         raise C.UserError(f"a student reads Sentinel-2 bands, --data {name} is RGB; pass "
                           + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
-    own = [r for r in records if C.trained_on(r["record"], scenes)]
+    ids, copied = {C.scene_id(f) for f in scenes.files}, {}
+    for r in records:  # another folder of the same classes holding its training scenes' ids: a copy of its data
+        if not C.trained_on(r["record"], scenes) and list(r["record"]["classes"]) == list(scenes.classes):
+            copied[r["path"]] = len(ids & r["train_scenes"]())
+    own = [r for r in records if C.trained_on(r["record"], scenes) or copied.get(r["path"])]
     seeds, official = {r["seed"] for r in own}, C.DATA[name].official_splits
     if own and args.split == "all":
         raise C.UserError(f"--split all would evaluate {own[0]['path']} on the scenes it was trained on ({name}); "
@@ -302,7 +312,9 @@ def plan_split(name, root, args, kind, records):
                           f"{' or '.join(other)}, or add images")
     for record in own:
         C.check_held_out(split, record["train_scenes"](), record["path"])
-    case = {"clip_rgb": "transfer", **{r["encoder"]: "trained on" if r in own else "transfer" for r in records}}
+    case = {"clip_rgb": "transfer", **{r["encoder"]: "transfer" if r not in own else f"trained on ({copied[r['path']]} "
+                                       f"of its {len(ids)} scenes have the ids of its training scenes: a copy of its "
+                                       f"training data)" if copied.get(r["path"]) else "trained on" for r in records}}
     return split, case
 
 
@@ -312,8 +324,10 @@ def load_models(args, kind, device):
     if kind == "baseline":
         clip, tokenizer, _ = C.load_clip(args.model, args.pretrained, device)
         return {"clip": clip.eval(), "tokenizer": tokenizer, "meta": None}
-    clip, meta, tokenizer = C.load_teacher(args.ckpt if kind == "patched" else args.teacher, device,
-                                           "--ckpt" if kind == "patched" else "--teacher")
+    clip, meta, tokenizer = C.load_teacher(args.teacher if kind == "student" else args.ckpt, device,
+                                           "--teacher" if kind == "student" else "--ckpt")
+    if kind == "finetuned":  # the patched CLIP's model with the fine-tuned image tower
+        clip.visual.load_state_dict(C.load_torch(args.ckpt, "--ckpt", "re-run 01_patch_clip.py"))
     models = {"clip": clip, "tokenizer": tokenizer, "meta": meta}
     for name, path in (("student", args.ckpt), ("student_init", os.path.join(os.path.dirname(args.ckpt), "student_init.pt"))):
         if kind == "student" and os.path.isfile(path):
@@ -333,16 +347,16 @@ def load_student(path):
     return student.eval()
 
 
-def default_out(args, scenes, several):
+def default_out(args, kind, scenes, several):
     """The run folder of one evaluation: --out (with several data sets, --out/<data>-<split>); else
     <checkpoint folder>-eval-<data>-<split> (beside it: an --overwrite of that run, which replaces its
-    folder, keeps it), or runs/eval/<model>-<pretrained>-<data>-<split>."""
+    folder, keeps it; -finetuned-eval- for its finetuned.pt), or runs/eval/<model>-<pretrained>-<data>-<split>."""
     name = f"{scenes.dataset}-{scenes.split}"
     if args.out:
         return os.path.join(args.out, name) if several else args.out
     if args.ckpt:
         folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
-        return f"{os.path.normpath(folder)}-eval-{name}"
+        return f"{os.path.normpath(folder)}-{'finetuned-' if kind == 'finetuned' else ''}eval-{name}"
     model = os.path.basename(os.path.normpath(args.model.split(":", 1)[-1]))  # a name, or a local-dir's folder
     pretrained = os.path.splitext(os.path.basename(args.pretrained))[0]  # a tag, or a weights file's name
     return os.path.join("runs", "eval", f"{model}-{pretrained}-{name}")
@@ -412,10 +426,12 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
     # ------------------------------------------------------------------ save
     weights = args.ckpt or args.pretrained  # a student's file, or the baseline's weights file (none for a tag)
     weights_sha256 = C.sha256_of(weights) if os.path.isfile(weights) else None
+    name = args.name or (os.path.splitext(os.path.basename(weights))[0] if kind == "baseline" and weights_sha256 else None)
     ckpt = C.patched_folder(args.ckpt, "--ckpt") if kind == "patched" else args.ckpt  # a patched CLIP: its folder
     setting = {"ckpt": os.path.abspath(ckpt) if ckpt else None, "ckpt_kind": kind,
                "ckpt_sha256": meta["weights_sha256"] if kind == "patched" else weights_sha256,
                "model": meta["model"] if meta else args.model, "pretrained": meta["pretrained"] if meta else args.pretrained,
+               "name": f"{name} ({args.model})" if name else None,
                "teacher": os.path.abspath(args.teacher) if args.teacher else None,
                "teacher_sha256": meta["weights_sha256"] if kind == "student" else None,
                "data": scenes.dataset, "root": os.path.abspath(scenes.root), "split": scenes.split,
@@ -463,42 +479,47 @@ def flatten(obj, prefix=""):
 
 
 def summary_rows(lines):
-    """The paper's table from results-log lines: {row: {column: (value, gain)}}, values in percent.
-    A row is one model: an un-patched CLIP (model and tag), a patched CLIP (its run folder; a
-    student's teacher counts as one) or a student (its checkpoint), on the images it reads. A column
-    is one evaluation setting: data set, split, number of images, prompts, root and split seed (none
-    for official splits); settings that differ get separate columns. A cell is top-1 (mAP for
-    multi-label data; the latest line wins) and its gain over the un-patched CLIP of the same model
-    and tag in the same column, as the paper reports its gains."""
-    cells, baselines = {}, {}
+    """The paper's table from results-log lines: ({row: {column: (value, gain)}}, {row: name}), values
+    in percent. A row is one set of weights (by hash, named by the latest line's path): an un-patched
+    CLIP (model and tag, or a weights file by --name such as RemoteCLIP), a patched CLIP (a student's
+    teacher counts as one), a fine-tuned image tower (finetuned.pt) or a student, on the images it
+    reads. A column is one evaluation setting: data set, split, number of images, prompts, root and
+    split seed (none for official splits); settings that differ get separate columns. A cell is top-1
+    (mAP for multi-label data; the latest line wins) and its gain over the un-patched CLIP of the same
+    model and tag in the same column, as the paper reports its gains."""
+    cells, baselines, names = {}, {}, {}
     for line in lines:
         official = line["data"] in C.DATA and C.DATA[line["data"]].official_splits
         column = (line["data"], line["split"], line["n_images"], line.get("prompts_sha256"), line.get("root"),
                   None if official or line["split"] == "all" else line.get("split_seed"))
         base = (line["model"].removesuffix("-quickgelu"), line["pretrained"])
-        encoders = {"baseline": [("clip_rgb", ("baseline",) + base)], "patched": [("clip_rgb", ("patched", line["ckpt"]))],
-                    "student": [("clip_rgb", ("patched", line["teacher"])), ("student_ms", ("student", line["ckpt"]))]}
-        for encoder, row in encoders[line["ckpt_kind"]]:
+        ckpt, teacher = (line.get("ckpt_sha256") or line["ckpt"]), (line.get("teacher_sha256") or line["teacher"])
+        named = lambda what, p: f"{what} {p if os.path.relpath(p).startswith('../..') else os.path.relpath(p)}"  # noqa
+        kind = line["ckpt_kind"]
+        if kind == "baseline":
+            rows = [("clip_rgb", ("baseline", *base, ckpt), line.get("name") or f"CLIP {base[0]} ({base[1]})")]
+        elif kind == "student":
+            rows = [("clip_rgb", ("patched", teacher), named("patched CLIP", line["teacher"])),
+                    ("student_ms", ("student", ckpt), named("student", line["ckpt"]))]
+        else:
+            rows = [("clip_rgb", (kind, ckpt), named({"patched": "patched CLIP"}.get(kind, "fine-tuned CLIP"), line["ckpt"]))]
+        for encoder, row, name in rows:
             value = line.get(f"zeroshot/{encoder}/acc1", line.get(f"zeroshot/{encoder}/mean_average_precision"))
             if value is not None:
-                cells[row, column] = (100 * value, base)
-                if line["ckpt_kind"] == "baseline":
+                cells[row, column], names[row] = (100 * value, base), name
+                if kind == "baseline":
                     baselines[base, column] = 100 * value
     table = {}
     for (row, column), (value, base) in cells.items():
         reference = baselines.get((base, column))
         table.setdefault(row, {})[column] = (value, None if reference is None or row[0] == "baseline"
                                              else value - reference)
-    return table
+    shown = list(names.values())  # other weights saved at one path: told apart by their hash
+    return table, {row: f"{name} [{str(row[-1])[:8]}]" if shown.count(name) > 1 else name for row, name in names.items()}
 
 
-def summary_layout(table):
+def summary_layout(table, names):
     """The rows and columns of summary_rows() as shown: (rows in order, their names, columns, their labels)."""
-    def row_name(row):
-        path = os.path.relpath(row[1]) if row[0] != "baseline" and not os.path.relpath(row[1]).startswith("../..") \
-            else row[1]
-        return {"baseline": f"CLIP {row[1]} ({row[-1]})", "patched": f"patched CLIP {path}",
-                "student": f"student {path}"}[row[0]]
     columns = sorted({c for cells in table.values() for c in cells}, key=lambda c: tuple(map(str, c)))
     labels = []
     for data, split, n, prompts, root, seed in columns:
@@ -507,13 +528,14 @@ def summary_layout(table):
         labels.append(f"{data} {split}" + (f" (seed {seed})" if differ(5) else "") + (f" ({n} images)" if differ(2) else "")
                       + (f" [prompts {(prompts or 'unknown')[:8]}]" if differ(3) else "")
                       + (f" [{root or 'unknown root'}]" if differ(4) else ""))
-    order = sorted(table, key=lambda r: (["baseline", "patched", "student"].index(r[0]), row_name(r)))
-    return order, [row_name(r) for r in order], columns, labels
+    kinds = ["baseline", "patched", "finetuned", "student"]
+    order = sorted(table, key=lambda r: (kinds.index(r[0]), names[r]))
+    return order, [names[r] for r in order], columns, labels
 
 
-def summary_table(table, fmt="md"):
+def summary_table(table, names, fmt="md"):
     """Text of summary_rows(): markdown (pastes into a README) or csv."""
-    order, names, columns, labels = summary_layout(table)
+    order, names, columns, labels = summary_layout(table, names)
     cell = lambda v: "" if v is None else f"{v[0]:.2f}" + ("" if v[1] is None else f" ({v[1]:+.2f})")  # noqa: E731
     rows = [[name] + [cell(table[r].get(c)) for c in columns] for r, name in zip(order, names)]
     if fmt == "csv":
@@ -538,17 +560,17 @@ def summary(path, fmt, plot=None):
         raise C.UserError(f"no results log {path}; run 03_eval.py first, or pass --summary FILE")
     try:
         with open(path) as f:
-            table = summary_rows([json.loads(line) for line in f if line.strip()])
+            table, names = summary_rows([json.loads(line) for line in f if line.strip()])
     except ValueError as e:
         raise C.UserError(f"{path} is not a JSON-lines results log ({e}); pass the --results file of 03_eval.py")
     if not table:
         raise C.UserError(f"{path} holds no zero-shot results; run 03_eval.py first")
-    print(summary_table(table, fmt))
+    print(summary_table(table, names, fmt))
     if fmt == "md":
         print("\ntop-1 accuracy (mAP for multi-label data) in %; in brackets the gain over the un-patched CLIP of "
               "the same model and tag in the same column")
     if plot:
-        order, names, columns, labels = summary_layout(table)
+        order, names, columns, labels = summary_layout(table, names)
         plot_summary(plot, names, labels, [[table[r].get(c, (None,))[0] for c in columns] for r in order])
         if fmt == "md":  # csv goes to stdout as it is
             print(f"wrote {plot}")
@@ -686,7 +708,7 @@ def run(args):
     kind, record, clip_meta = read_checkpoint(args)
     records = trainings(args, kind, record, clip_meta)
     plans = [plan_split(name, root, args, kind, records) for name, root in data_specs(args, records)]
-    outs = [default_out(args, scenes, len(plans) > 1) for scenes, _ in plans]
+    outs = [default_out(args, kind, scenes, len(plans) > 1) for scenes, _ in plans]
     for out in outs:  # all bad input is refused before any run folder is made, and before the slow part
         C.check_run(out, STAGE, overwrite=args.overwrite)
     C.check_writable(args.results, "--results")

@@ -204,19 +204,50 @@ def test_cli_baseline_with_default_run_folder_and_log(patched_run, tmp_path, mon
 
 
 def test_a_file_of_a_stage1_folder_is_evaluated_as_what_it_is(patched_run, patched_eval, tmp_path, capsys):
-    """--ckpt OUT/finetuned.pt (the fine-tuned image tower, not the patched CLIP) is refused in one
-    line rather than silently evaluating the patched CLIP under that name; --ckpt
-    OUT/open_clip_model.safetensors, the patched CLIP's own weights, evaluates the patched CLIP."""
+    """--ckpt OUT/finetuned.pt is the fine-tuned image tower (alpha 1), evaluated as its own model and
+    recorded so (PAINT's comparison: fine-tuned vs patched), with its own default folder; a reviewer
+    found it evaluated the patched CLIP under that name. --ckpt OUT/open_clip_model.safetensors, the
+    patched CLIP's own weights, evaluates the patched CLIP."""
+    import open_clip
     finetuned = os.path.join(patched_run["ckpt"], "finetuned.pt")
-    expect_user_error(capsys, ["--ckpt", finetuned, "--root", patched_run["root"], "--out", str(tmp_path / "ft"),
-                               "--results", str(tmp_path / "ft.jsonl")], finetuned, "unknown kind", "01_patch_clip.py")
-    assert not os.path.exists(tmp_path / "ft") and not os.path.exists(tmp_path / "ft.jsonl")
+    metrics, (row,) = cli(tmp_path / "ft", "--ckpt", finetuned, "--root", patched_run["root"], "--no-plots",
+                          "--save-embeddings")
+    assert metrics["ckpt_kind"] == row["ckpt_kind"] == "finetuned" and metrics["ckpt"] == os.path.abspath(finetuned)
+    assert row["ckpt_sha256"] == C.sha256_of(finetuned) and row["case/clip_rgb"] == "trained on"
+    model = open_clip.create_model_and_transforms("local-dir:" + patched_run["ckpt"])[0].eval()
+    model.visual.load_state_dict(torch.load(finetuned, weights_only=True))  # independently: the tower stage 1 saved
+    saved = torch.load(tmp_path / "ft" / "eval" / "embeddings.pt", weights_only=True)
+    tifs = torch.from_numpy(np.stack([tifffile.imread(os.path.join(patched_run["root"], f)) for f in saved["files"]]))
+    with torch.no_grad():
+        expected = model.encode_image(C.clip_input(tifs, model.visual.preprocess_cfg, "cpu",
+                                                   pixels=C.DATA["eurosat_ms"].pixels))
+    torch.testing.assert_close(saved["features"]["clip_rgb"], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(saved["features"]["clip_rgb"], patched_eval["saved"]["features"]["clip_rgb"], atol=1e-3)
+    assert E.default_out(E.parse_args(["--ckpt", finetuned]), "finetuned", C.Scenes(
+        "eurosat_ms", "r", "ms", [], [], (), split="test"), False) == patched_run["ckpt"] + "-finetuned-eval-eurosat_ms-test"
     weights = os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS)
     metrics, (row,) = cli(tmp_path, "--ckpt", weights, "--root", patched_run["root"], "--no-plots")
     assert metrics["ckpt_kind"] == row["ckpt_kind"] == "patched"
     assert metrics["ckpt_sha256"] == C.sha256_of(weights)  # the file's own hash: the weights evaluated
     # the same CLIP as the run folder's evaluation: the same numbers on the same test split
     assert metrics["metrics"] == patched_eval["metrics"]["metrics"]
+
+
+def test_a_baseline_from_a_weights_file_is_named_in_the_summary(patched_run, tmp_path, capsys):
+    """RemoteCLIP, SkyCLIP and GeoRSCLIP are open_clip ViT-B-32 checkpoints that users download: stage 3
+    evaluates one from its file (here a checkpoint made in the test) as an un-patched CLIP, and --summary
+    shows it under --name, else the file's name."""
+    import open_clip
+    path = tmp_path / "RemoteCLIP-tiny.pt"
+    torch.manual_seed(5)
+    torch.save(open_clip.create_model_and_transforms(TINY_CLIP)[0].state_dict(), path)
+    flags = ["--model", TINY_CLIP, "--pretrained", str(path), "--root", patched_run["root"], "--no-plots"]
+    metrics, (row,) = cli(tmp_path / "a", *flags)
+    assert row["ckpt_kind"] == "baseline" and row["ckpt_sha256"] == C.sha256_of(str(path))
+    assert row["name"] == f"RemoteCLIP-tiny ({TINY_CLIP})"
+    cli(tmp_path / "b", *flags, "--name", "RemoteCLIP")
+    E.main(["--summary", str(tmp_path / "b" / "results.jsonl")])
+    assert f"| RemoteCLIP ({TINY_CLIP}) |" in capsys.readouterr().out
 
 
 # ============================================================================ a student, end to end
@@ -316,6 +347,7 @@ def test_student_whose_teacher_cannot_be_found(patched_run, student_run, tmp_pat
 @pytest.mark.parametrize("flags, phrase", [
     (["--split-seed", "1"], "--split-seed"),
     (["--model", "ViT-B-32"], "--model"),
+    (["--name", "RemoteCLIP"], "--name"),
     (["--teacher", "x.pt"], "--teacher"),
 ])
 def test_flags_that_contradict_the_checkpoint(patched_run, tmp_path, capsys, flags, phrase):

@@ -5,12 +5,13 @@ import csv
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (TINY_CLIP, TINY_STUDENT, load_stage, make_bigearthnet_patch, make_eurosat_ms, official_names,
+from conftest import (TINY_CLIP, TINY_STUDENT, hash_split, load_stage, make_bigearthnet_patch, make_eurosat_ms, official_names,
                       tiny_patch_args)
 from PIL import Image
 
@@ -43,19 +44,38 @@ KNOWN = [
 
 
 def test_summary_of_known_lines_is_the_known_table():
-    table = evaluate.summary_rows(KNOWN)
+    table, names = evaluate.summary_rows(KNOWN)
     eurosat, ben = ("eurosat_ms", "test", 100, "p1", None, None), ("bigearthnet19", "test", 100, "p1", None, None)
-    assert table[("baseline", "ViT-B-32", "openai")] == {eurosat: (40.0, None), ben: (20.0, None)}
+    assert table[("baseline", "ViT-B-32", "openai", None)] == {eurosat: (40.0, None), ben: (20.0, None)}
     patched = table[("patched", "/r/patch")]  # the later line (the student's teacher) wins: 71, not 70
     assert patched[eurosat] == pytest.approx((71.0, 31.0)) and patched[ben] == pytest.approx((50.0, 30.0))
     student = table[("student", "/r/align/student.pt")]
     assert student[eurosat] == pytest.approx((65.0, 25.0)) and student[ben] == pytest.approx((45.0, 25.0))
-    text = evaluate.summary_table(table)
+    text = evaluate.summary_table(table, names)
     assert text.splitlines()[0] == "| model | bigearthnet19 test | eurosat_ms test |"
     assert "| CLIP ViT-B-32 (openai) | 20.00 | 40.00 |" in text
     assert "| student /r/align/student.pt | 45.00 (+25.00) | 65.00 (+25.00) |" in text
-    rows = list(csv.reader(io.StringIO(evaluate.summary_table(table, "csv"))))
+    rows = list(csv.reader(io.StringIO(evaluate.summary_table(table, names, "csv"))))
     assert rows[0] == ["model", "bigearthnet19 test", "eurosat_ms test"] and len(rows) == 4
+
+
+def test_summary_rows_are_weights_not_paths():
+    """A reviewer's scenario: after --overwrite, the old and the new weights at one path shared a row.
+    A row is one set of weights (ckpt_sha256, teacher_sha256); a fine-tuned tower and a baseline from
+    a weights file (RemoteCLIP, ...) are rows of their own, under names a reader recognises."""
+    lines = [{**line("patched", "eurosat_ms", 0.60, ckpt="/r/p"), "ckpt_sha256": "aaaa1111"},
+             {**line("patched", "eurosat_ms", 0.70, ckpt="/r/p"), "ckpt_sha256": "bbbb2222"},  # --overwrite
+             {**line("finetuned", "eurosat_ms", 0.75, ckpt="/r/p/finetuned.pt"), "ckpt_sha256": "cccc"},
+             {**line("student", "eurosat_ms", 0.71, ckpt="/r/a/student.pt", teacher="/r/p", student=0.5),
+              "ckpt_sha256": "dddd", "teacher_sha256": "bbbb2222"},
+             {**line("baseline", "eurosat_ms", 0.55, pretrained="/w/RemoteCLIP-ViT-B-32.pt"), "ckpt_sha256": "eeee",
+              "name": "RemoteCLIP (ViT-B-32)"}]
+    table, names = evaluate.summary_rows(lines)
+    assert table[("patched", "aaaa1111")] and table[("patched", "bbbb2222")]  # two rows
+    assert table[("patched", "bbbb2222")][("eurosat_ms", "test", 100, "p1", None, None)][0] == 71.0  # its teacher's
+    text = evaluate.summary_table(table, names)
+    assert "| patched CLIP /r/p [aaaa1111] | 60.00 |" in text and "| patched CLIP /r/p [bbbb2222] | 71.00 |" in text
+    assert "| fine-tuned CLIP /r/p/finetuned.pt | 75.00 |" in text and "| RemoteCLIP (ViT-B-32) | 55.00 |" in text
 
 
 def test_summary_keeps_other_seeds_and_roots_apart_but_not_official_splits():
@@ -65,7 +85,7 @@ def test_summary_keeps_other_seeds_and_roots_apart_but_not_official_splits():
              {**line("patched", "eurosat_ms", 0.55, ckpt="/r/p"), "root": "/e/eurosat", "split_seed": 5},
              {**line("baseline", "bigearthnet19", 0.20, metric="mean_average_precision"), "split_seed": 0},
              {**line("patched", "bigearthnet19", 0.30, ckpt="/r/p", metric="mean_average_precision"), "split_seed": 3}]
-    text = evaluate.summary_table(evaluate.summary_rows(lines))
+    text = evaluate.summary_table(*evaluate.summary_rows(lines))
     header = text.splitlines()[0]
     assert "eurosat_ms test (seed 4)" in header and "eurosat_ms test (seed 5) [/d/eurosat]" in header
     assert "[/e/eurosat]" in header and "(+20.00)" not in text  # no gain across other test images
@@ -75,7 +95,7 @@ def test_summary_keeps_other_seeds_and_roots_apart_but_not_official_splits():
 def test_summary_keeps_other_prompts_and_other_splits_apart():
     lines = [line("baseline", "eurosat_ms", 0.40), line("patched", "eurosat_ms", 0.60, ckpt="/r/p", prompts="p2"),
              line("patched", "eurosat_ms", 0.50, ckpt="/r/p", split="all", n=200)]
-    text = evaluate.summary_table(evaluate.summary_rows(lines))
+    text = evaluate.summary_table(*evaluate.summary_rows(lines))
     header = text.splitlines()[0]
     assert "eurosat_ms test [prompts p1]" in header and "eurosat_ms test [prompts p2]" in header
     assert "eurosat_ms all" in header
@@ -338,8 +358,10 @@ def test_stage1_and_stage2_record_the_prompts_file(ms_root, tmp_path):
 
 def test_the_same_folder_under_another_data_set_name_is_still_trained_on(patched_run, tmp_path, capsys):
     """A CLIP patched on a class folder (--data folder) meets that folder as --data resisc45: the
-    same scenes, held to its split, --split all refused. A different folder whose files happen to be
-    named like the training scenes is a transfer."""
+    same scenes, held to its split, --split all refused. A copy of a training folder elsewhere (a
+    reviewer's scenario: on node-local scratch, 83 of 120 images were training scenes, evaluated as a
+    transfer) is held to the split too, by its scene ids, and says so; so is another folder of the same
+    classes whose files are named as the training scenes (EuroSAT's jpgs are its tifs' scenes)."""
     from conftest import make_eurosat_rgb
     root = make_folder(tmp_path / "rs", ["baseball_diamond", "beach"], per_class=10)
     load_stage("01_patch_clip.py").main(tiny_patch_args(root, tmp_path / "patch", "folder", "--epochs", "1",
@@ -349,9 +371,21 @@ def test_the_same_folder_under_another_data_set_name_is_still_trained_on(patched
     line = user_error(capsys, ["--ckpt", str(tmp_path / "patch"), "--data", f"resisc45={root}", "--split", "all",
                                "--out", str(tmp_path / "all")])
     assert "--split test" in line and not os.path.exists(tmp_path / "all")
+    copy = shutil.copytree(root, tmp_path / "scratch" / "rs")
+    line = user_error(capsys, ["--ckpt", str(tmp_path / "patch"), "--data", f"folder={copy}", "--split", "all",
+                               "--out", str(tmp_path / "copy_all")])
+    assert "--split test" in line and not os.path.exists(tmp_path / "copy_all")
+    (row,) = run_eval(tmp_path / "c", "--ckpt", str(tmp_path / "patch"), "--data", f"folder={copy}")
+    train_count = sum(s == "train" for s in hash_split([f"{c}/{n}" for c in ("baseball_diamond", "beach")
+                                                         for n in range(10)], 3))
+    assert row["case/clip_rgb"] == f"trained on ({train_count} of its 20 scenes have the ids of its training " \
+                                   f"scenes: a copy of its training data)" and row["split_seed"] == 3
     lookalike = os.path.join(make_eurosat_rgb(tmp_path / "rgb"), "eurosat", "2750")  # ids as patched_run's tifs
-    (row,) = run_eval(tmp_path / "b", "--ckpt", patched_run["ckpt"], "--data", f"folder={lookalike}", "--split", "all")
-    assert row["case/clip_rgb"] == "transfer" and row["split"] == "all"
+    line = user_error(capsys, ["--ckpt", patched_run["ckpt"], "--data", f"folder={lookalike}", "--split", "all",
+                               "--out", str(tmp_path / "lookalike")])
+    assert "trained on" in line and not os.path.exists(tmp_path / "lookalike")
+    (row,) = run_eval(tmp_path / "b", "--ckpt", patched_run["ckpt"], "--data", f"folder={lookalike}")
+    assert row["case/clip_rgb"].startswith("trained on (") and row["split"] == "test"
 
 
 def test_a_students_teacher_meets_its_own_data_with_its_own_prompts(ms_root, tmp_path):
