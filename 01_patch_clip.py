@@ -1,6 +1,6 @@
 """Stage 1: patch an open_clip CLIP on remote-sensing RGB images (PAINT, Ilharco et al. 2022).
 
-    python 01_patch_clip.py --data eurosat --control resisc45          # the paper's setting
+    python 01_patch_clip.py --data eurosat --control resisc45          # PAINT's recipe on EuroSAT
     python 01_patch_clip.py --data bigearthnet19 --control imagenet --control-root data/imagenet/val \\
         --control-per-class 10                                         # PAINT's supported task as control
     python 01_patch_clip.py --model ViT-S-32 --pretrained none --data eurosat_ms \\
@@ -42,12 +42,12 @@ def parse_args(argv=None):
     add("--prompts", help="JSON file of class names and/or templates (default: the data set's own; README)")
     add("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
     add("--pretrained", default="openai", help="open_clip tag, weights file, or 'none' (default: openai)")
-    add("--epochs", type=int, default=5, help="fine-tuning epochs (default: 5, PAINT; the paper's released "
+    add("--epochs", type=int, default=5, help="fine-tuning epochs (default: 5, PAINT; the official "
         "BigEarthNet config: 1)")
     add("--max-steps", type=int, help="stop after this many steps (default: no limit)")
     add("--batch-size", type=int, default=128, help="images per step (default: 128)")
     add("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default: 1e-5)")
-    add("--wd", type=float, default=0.1, help="AdamW weight decay (default: 0.1, PAINT; the paper's released config: 0.5)")
+    add("--wd", type=float, default=0.1, help="AdamW weight decay (default: 0.1, PAINT; the official config: 0.5)")
     add("--warmup", type=int, help="linear warm-up steps (default: 200, at most a tenth of the run)")
     add("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1 (default: 0.0, as in "
         "effect in the official code: its smoothing=0.2 leaves multi-label targets at 0/1, README)")

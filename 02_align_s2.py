@@ -1,6 +1,6 @@
 """Stage 2: align a 13-band Sentinel-2 encoder to the patched CLIP (Zavras et al. 2024, Sec. 3.2).
 
-    python 02_align_s2.py --teacher runs/patch --data eurosat_ms            # the paper's setting
+    python 02_align_s2.py --teacher runs/patch --data eurosat_ms            # the official run: README
     python 02_align_s2.py --teacher runs/patch --student-weights B13_vits16_dino_0099_ckpt.pth   # SSL4EO-S12 init
     python 02_align_s2.py --teacher runs/smoke/patch --data eurosat_ms \\
         --root ../shared/data/eurosat_ms_sample --input-size 64 --epochs 1 --out runs/smoke/align  # CPU smoke run
