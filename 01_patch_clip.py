@@ -39,7 +39,7 @@ def parse_args(argv=None):
     add("--control-root", help="its folder (default: data/<name>)")
     add("--control-per-class", type=int, metavar="N", help="evaluate the control on N images per class, the same "
         "ones for the same --split-seed (default: all of its split; e.g. 10 for ImageNet)")
-    add("--prompts", help="JSON file of class names and/or templates (default: the data set's own; README)")
+    add("--prompts", help="JSON file of class names and/or templates (default: the data set's own; docs/evaluation.md)")
     add("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
     add("--pretrained", default="openai", help="open_clip tag, weights file, or 'none' (default: openai)")
     add("--epochs", type=int, default=5, help="fine-tuning epochs (default: 5, PAINT; the official "
@@ -218,6 +218,8 @@ def run(args):
     if args.redraw:
         return C.redraw(args.redraw, STAGE, {"alpha.png": plot_alpha}, args.debug)
     device = C.pick_device(args.device)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise C.UserError(f"--max-steps {args.max_steps} would save a CLIP that was never fine-tuned; pass 1 or more")
     if args.control_per_class is not None and (not args.control or args.control_per_class < 1):
         raise C.UserError(f"--control-per-class {args.control_per_class}: pass a number of images >= 1, with --control")
     C.check_run(args.out, STAGE, args.resume, args.overwrite)

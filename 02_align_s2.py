@@ -37,7 +37,7 @@ def parse_args(argv=None):
     add("--data", default="eurosat_ms", help="Sentinel-2 data set: eurosat_ms, bigearthnet19/43/5 (default: eurosat_ms)")
     add("--root", help="its folder (default: data/<name>, see README)")
     add("--prompts", help="JSON file of class names and/or templates for the text head (default: the teacher's on "
-        "the data it was patched on, else the data set's own; README)")
+        "the data it was patched on, else the data set's own; docs/evaluation.md)")
     add("--student", default="vit_small_patch16_224", help="timm architecture (default: vit_small_patch16_224)")
     add("--input-size", type=int, help="student input side in pixels (default: the timm model's, 224)")
     add("--drop-path", type=float, default=0.2, help="the student's stochastic depth rate (default: 0.2)")
@@ -184,8 +184,9 @@ def load_backbone_weights(student, path, bands):
                               f"{type(student.backbone).__name__} needs {tuple(target[name].shape)}; pass a 13-band "
                               f"checkpoint of this architecture (--student)")
     missing = [k for k in target if k not in loaded]
+    few = lambda keys: ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") or "none"  # noqa
     print(f"loaded {len(loaded)}/{len(target)} backbone tensors from {path}")
-    print(f"  missing: {missing or 'none'}\n  unexpected: {unexpected or 'none'}")
+    print(f"  missing: {few(missing)}\n  unexpected: {few(unexpected)}")
     if len(loaded) < 0.9 * len(target):
         raise C.UserError(f"--student-weights {path} holds only {len(loaded)} of the {len(target)} tensors of the "
                           f"backbone; pass a checkpoint of the architecture named by --student")
@@ -233,6 +234,8 @@ def run(args):
     if args.redraw:
         return C.redraw(args.redraw, STAGE, {"training.png": plot_training}, args.debug)
     device = C.pick_device(args.device)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise C.UserError(f"--max-steps {args.max_steps} would save an untrained student; pass 1 or more")
     C.check_run(args.out, STAGE, args.resume, args.overwrite)
 
     # ------------------------------------------------------------------ teacher

@@ -60,13 +60,13 @@ def parse_args(argv=None):
         "set has one; 'all' for data sets the models were not trained on (default: test)")
     add("--split-seed", type=int, help="split seed (default: the checkpoint's on the scenes it was trained on, else 0)")
     add("--prompts", help="JSON file of class names and/or templates (default: the checkpoint's on its own data set, "
-        "else the data set's own; README)")
+        "else the data set's own; docs/evaluation.md)")
     add("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     add("--device", help="torch device (default: cuda if available, else cpu)")
     add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes (default: cores, up to 8)")
     add("--cache", help="folder for packed, memory-mapped splits (default: none)")
-    add("--out", help="run folder (default: <checkpoint folder>-eval-<data>-<split>, baseline: runs/eval/<model>-"
-        "<pretrained>-<data>-<split>); with several --data, the folder of one <data>-<split> folder each")
+    add("--out", help="run folder (default: <checkpoint folder>-eval-<data>-<split>-<root hash>, baseline: runs/eval/"
+        "<model>-<pretrained>-<data>-<split>-<root hash>); with several --data, the folder of one <data>-<split> each")
     add("--results", default="runs/results.jsonl", help="results log, a JSON line per evaluation (default: %(default)s)")
     add("--save-embeddings", action="store_true", help="also write OUT/embeddings.pt (embeddings, labels, files, head)")
     add("--overwrite", action="store_true", help="replace a finished evaluation in --out")
@@ -160,6 +160,17 @@ def pairing_warning(gap, margin=0.05):
     return (f"true pairs (mean cosine {true:.3f}) are hardly closer than random pairs ({random:.3f}): the student "
             f"has learned the teacher's mean direction, not its scenes; do not read alignment into the smaller "
             f"modality gap (train longer, or on more data)")
+
+
+def small_split_caveats(n, cross_modal):
+    """What a split of n images cannot measure, said where the figures are printed: a recall@k with
+    k >= n is 1 for any model, precision@10 of fewer than 10 images ranks them all, one image has
+    every average precision 1."""
+    ks = [k for k in RECALL_AT if k >= n] if cross_modal else []
+    return [f"{n} test images: " + "; ".join(
+        ([f"recall@{', '.join(map(str, ks))} is 1 for any model"] if ks else [])
+        + (["precision@10 ranks all of them"] if n < 10 else []) + (["every average precision is 1"] if n == 1 else [])
+        + ["read these as a check, not a measurement"])] if ks or n < 10 else []
 
 
 def zeroshot_metrics(logits, labels, classes):
@@ -349,11 +360,14 @@ def load_student(path):
 
 def default_out(args, kind, scenes, several):
     """The run folder of one evaluation: --out (with several data sets, --out/<data>-<split>); else
-    <checkpoint folder>-eval-<data>-<split> (beside it: an --overwrite of that run, which replaces its
-    folder, keeps it; -finetuned-eval- for its finetuned.pt), or runs/eval/<model>-<pretrained>-<data>-<split>."""
+    <checkpoint folder>-eval-<data>-<split>-<root> (beside it: an --overwrite of that run, which
+    replaces its folder, keeps it; -finetuned-eval- for its finetuned.pt), or runs/eval/<model>-
+    <pretrained>-<data>-<split>-<root>; <root>: 8 hex digits of the data folder's path, so that
+    another folder of the data set is another evaluation."""
     name = f"{scenes.dataset}-{scenes.split}"
     if args.out:
         return os.path.join(args.out, name) if several else args.out
+    name += "-" + C.sha256_of(os.path.realpath(scenes.root))[:8]
     if args.ckpt:
         folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
         return f"{os.path.normpath(folder)}-{'finetuned-' if kind == 'finetuned' else ''}eval-{name}"
@@ -400,6 +414,7 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
                                    if name in features}
     metrics = clean(metrics)
     warnings = [w for w in [pairing_warning(metrics["modality_gap"]["after"])] if w] if "modality_gap" in metrics else []
+    warnings += small_split_caveats(len(labels), "cross_modal" in metrics)
 
     # ------------------------------------------------------------------ report
     zs, t2i = metrics["zeroshot"], metrics["text_to_image"]
@@ -410,8 +425,10 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
     print_table(f"{table.replace('_', ' ')} (zero-shot)", ["images", *evaluated],
                 [(c, [n, *(zs[name][table][c] for name in evaluated)])
                  for c, n in zip(scenes.classes, targets.sum(dim=0).tolist())])
-    print_table("text -> image retrieval (class prompts as queries)", ["mean_average_precision", "precision_at_10"],
-                [(name, [t2i[name]["mean_average_precision"], t2i[name]["precision_at_10"]]) for name in evaluated])
+    t2i_columns = ["precision_at_10"] if labels.ndim == 2 else ["mean_average_precision", "precision_at_10"]
+    print_table("text -> image retrieval (class prompts as queries)" + ("; its mAP is the zero-shot mAP above: "
+                "per class, the same scores rank the same images" if labels.ndim == 2 else ""), t2i_columns,
+                [(name, [t2i[name][m] for m in t2i_columns]) for name in evaluated])
     if "cross_modal" in metrics:
         print_table("cross-modal retrieval of the same scenes", [f"recall@{k}" for k in RECALL_AT],
                     [(d, list(r.values())) for d, r in metrics["cross_modal"].items()])
@@ -436,6 +453,7 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
                "teacher_sha256": meta["weights_sha256"] if kind == "student" else None,
                "data": scenes.dataset, "root": os.path.abspath(scenes.root), "split": scenes.split,
                "split_seed": scenes.seed, "n_images": len(labels), "n_classes": len(scenes.classes),
+               "classes": list(scenes.classes),
                "case": case, "prompts_sha256": C.sha256_of(used_prompts),
                "skipped_files": len(dataset.skipped), "out": os.path.abspath(run_args.out)}
     C.write_json(os.path.join(work, "metrics.json"), {**setting, "prompts": used_prompts, "metrics": metrics,
@@ -447,7 +465,7 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
             "features": features, "logits": logits, "labels": labels, "index": index,
             "files": [scenes.files[i] for i in index.tolist()], "zeroshot_head": head, "logit_scale": logit_scale})
     return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **{k: v for k, v in setting.items() if k != "case"}, **flatten({"case": case}), **flatten(metrics)}
+            **{k: v for k, v in setting.items() if k not in ("case", "classes")}, **flatten({"case": case}), **flatten(metrics)}
 
 
 def print_table(title, columns, rows):
@@ -525,9 +543,10 @@ def summary_layout(table, names):
     for data, split, n, prompts, root, seed in columns:
         same = [c for c in columns if c[:2] == (data, split)]
         differ = lambda k: len({c[k] for c in same}) > 1  # noqa: E731
-        labels.append(f"{data} {split}" + (f" (seed {seed})" if differ(5) else "") + (f" ({n} images)" if differ(2) else "")
+        shown = os.path.relpath(root) if root and not os.path.relpath(root).startswith("../..") else root
+        labels.append(f"{data} {split}, {n} images" + (f" (seed {seed})" if differ(5) else "")
                       + (f" [prompts {(prompts or 'unknown')[:8]}]" if differ(3) else "")
-                      + (f" [{root or 'unknown root'}]" if differ(4) else ""))
+                      + (f" [{shown or 'unknown root'}]" if differ(4) else ""))
     kinds = ["baseline", "patched", "finetuned", "student"]
     order = sorted(table, key=lambda r: (kinds.index(r[0]), names[r]))
     return order, [names[r] for r in order], columns, labels
@@ -537,13 +556,15 @@ def summary_table(table, names, fmt="md"):
     """Text of summary_rows(): markdown (pastes into a README) or csv."""
     order, names, columns, labels = summary_layout(table, names)
     cell = lambda v: "" if v is None else f"{v[0]:.2f}" + ("" if v[1] is None else f" ({v[1]:+.2f})")  # noqa: E731
-    rows = [[name] + [cell(table[r].get(c)) for c in columns] for r, name in zip(order, names)]
-    if fmt == "csv":
+    if fmt == "csv":  # for machines: numbers, the gain in a column of its own
         import csv
         import io
+        number = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         out = io.StringIO()
-        csv.writer(out).writerows([["model", *labels], *rows])
+        csv.writer(out).writerows([["model", *[x for label in labels for x in (label, f"{label} gain")]]] + [
+            [name, *[number(x) for c in columns for x in table[r].get(c, (None, None))]] for r, name in zip(order, names)])
         return out.getvalue().rstrip("\n")
+    rows = [[name] + [cell(table[r].get(c)) for c in columns] for r, name in zip(order, names)]
     return "\n".join(["| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -605,7 +626,7 @@ def modality_gap_pca(features, max_scenes=2000):
 def plot_modality_gap(folder):
     """modality_gap.png: the normalised test embeddings of teacher (RGB) and student (MS) on the 2
     principal components of both (modality_gap_pca.json), before and after alignment, 12 true pairs
-    joined, the centroids as crosses; titles from metrics.json's modality gap."""
+    joined, the centroids as rings (points drawn over them); titles from metrics.json's modality gap."""
     pca = C.read_json(os.path.join(folder, "modality_gap_pca.json"))
     gap = C.read_json(os.path.join(folder, "metrics.json"))["metrics"]["modality_gap"]
     panels = [when for when in ("before", "after") if when in pca]
@@ -617,8 +638,8 @@ def plot_modality_gap(folder):
         pairs = np.unique(np.linspace(0, len(rgb) - 1, min(len(rgb), 12)).round().astype(int))
         ax.plot(np.stack([rgb[pairs, 0], ms[pairs, 0]]), np.stack([rgb[pairs, 1], ms[pairs, 1]]), color="0.6", lw=0.8)
         for points, colour, label in ((rgb, "tab:blue", "teacher, RGB"), (ms, "tab:orange", "student, MS")):
-            ax.scatter(points[:, 0], points[:, 1], s=10, color=colour, alpha=0.6, lw=0, label=label)
-            ax.scatter(*points.mean(axis=0), s=90, marker="X", color=colour, edgecolor="black")
+            ax.scatter(points[:, 0], points[:, 1], s=10, color=colour, alpha=0.6, lw=0, label=label, zorder=3)
+            ax.scatter(*points.mean(axis=0), s=150, marker="o", facecolor="none", edgecolor=colour, lw=1.5, zorder=2)
         ax.set(xlabel=f"PC 1 ({100 * ratio[0]:.0f}% of variance)", ylabel=f"PC 2 ({100 * ratio[1]:.0f}% of variance)",
                aspect="equal", title=f"{when} alignment\ncentroid distance {number(g['centroid_distance'])}; mean "
                f"cosine of\ntrue pairs {number(g['true_pair_cosine'])}, random pairs {number(g['random_pair_cosine'])}")
@@ -632,15 +653,16 @@ def plot_zeroshot(folder):
     """confusion.png (per_class_ap.png for multi-label data): each encoder's zero-shot confusion matrix,
     rows divided by their class's images (the diagonal is the per-class recall), or its average
     precision per class as bars, from metrics.json."""
-    zeroshot = C.read_json(os.path.join(folder, "metrics.json"))["metrics"]["zeroshot"]
+    metrics = C.read_json(os.path.join(folder, "metrics.json"))
+    zeroshot = metrics["metrics"]["zeroshot"]
     if "per_class_ap" in zeroshot["clip_rgb"]:
-        figure, (ax,) = C.new_figure(8, 6)
-        classes, height = list(zeroshot["clip_rgb"]["per_class_ap"]), 0.8 / len(zeroshot)
+        figure, (ax,) = C.new_figure(9, 6)  # the classes in the data set's order, as the printed table
+        classes, height = metrics.get("classes") or list(zeroshot["clip_rgb"]["per_class_ap"]), 0.8 / len(zeroshot)
         for k, (name, m) in enumerate(zeroshot.items()):
             ax.barh(np.arange(len(classes)) + k * height, [math.nan if m["per_class_ap"][c] is None else
                                                                  100 * m["per_class_ap"][c] for c in classes],
                     height, label=f"{name} (mAP {100 * m['mean_average_precision']:.1f}%)")
-        ax.set_yticks(np.arange(len(classes)) + 0.4 - height / 2, [c[:40] for c in classes], fontsize=7)
+        ax.set_yticks(np.arange(len(classes)) + 0.4 - height / 2, classes, fontsize=7)
         ax.invert_yaxis()
         ax.set(xlim=(0, 100), xlabel="average precision (%)", title="zero-shot average precision per class (test)")
         ax.legend(fontsize=8)
@@ -668,8 +690,8 @@ def plot_summary(path, models, settings, values):
         bars = ax.bar(np.arange(len(settings)) + (k - (len(models) - 1) / 2) * 0.8 / len(models),
                       [math.nan if v is None else v for v in row], 0.8 / len(models), label=model)
         ax.bar_label(bars, ["" if v is None else f"{v:.1f}" for v in row], fontsize=7)
-    ax.set_xticks(np.arange(len(settings)), settings, fontsize=8)
-    ax.set(ylabel="zero-shot top-1 accuracy or mAP (%)", ylim=(0, 100), title="zero-shot classification")
+    ax.set_xticks(np.arange(len(settings)), settings, fontsize=8, rotation=15, ha="right")
+    ax.set(ylabel="zero-shot top-1 accuracy or mAP (%)", ylim=(0, 108), title="zero-shot classification")
     figure.legend(loc="outside lower center", ncols=min(3, len(models)), fontsize=7)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     C.write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))

@@ -136,9 +136,15 @@ def list_class_folders(dataset, root, download=False, suffixes=RGB_SUFFIXES, cla
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:
         raise UserError(f"{folder} has no class sub-folders; expected {folder}/<ClassName>/<image files>")
+
+    def one_level_up():  # a hint when the data set's folder is a sub-folder of --root
+        inner = [os.path.join(folder, c) for c in classes if any(
+            os.path.isdir(os.path.join(folder, c, d)) and (not isinstance(classnames, dict) or d in classnames)
+            for d in os.listdir(os.path.join(folder, c)))]
+        return f"; --root looks one level too high: pass --root {inner[0]}" if inner else ""
     if isinstance(classnames, dict) and any(c not in classnames for c in classes):
         raise UserError(f"{folder} has folders {[c for c in classes if c not in classnames]} that are not "
-                        f"{dataset} classes; use --data folder")
+                        f"{dataset} classes" + (one_level_up() or "; use --data folder"))
     files, labels = [], []
     for label, name in enumerate(classes):
         listed = sorted(os.listdir(os.path.join(folder, name)))
@@ -146,7 +152,7 @@ def list_class_folders(dataset, root, download=False, suffixes=RGB_SUFFIXES, cla
         if not names:
             rgb = [f for f in listed if f.lower().endswith(RGB_SUFFIXES)]
             hint = (f"its files ({rgb[0]}, ...) look like RGB images: pass --data eurosat or --data folder"
-                    if rgb else "add its images or remove the folder")
+                    if rgb else one_level_up()[2:] or "add its images or remove the folder")
             raise UserError(f"class folder {os.path.join(folder, name)} holds no {'/'.join(suffixes)} files "
                             f"for --data {dataset}; {hint}")
         files += [os.path.join(name, f) for f in names]
@@ -248,10 +254,12 @@ def read_rgb(path):
     """An 8-bit image as uint8 (H, W, 3), read with PIL."""
     from PIL import Image
     try:
-        with Image.open(path) as image:
+        with quietly(Image.open, path, logger="PIL") as image:  # PIL logs the reason said below, once per file
             return np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
     except Exception as e:
-        raise ValueError(f"cannot decode image ({type(e).__name__}: {e})")
+        tif = path.lower().endswith(TIF_SUFFIXES)
+        raise ValueError(f"cannot decode image ({type(e).__name__}: {str(e)[:160]})" + (
+            "; a Sentinel-2 GeoTIFF? pass --data eurosat_ms (or another Sentinel-2 data set)" if tif else ""))
 
 
 def read_tif(path):
@@ -285,7 +293,10 @@ def read_bigearthnet(folder):
             path = os.path.join(folder, f"{name}_{band}.tif")
             if not os.path.isfile(path):
                 raise ValueError(f"lacks its band {band} ({path} does not exist)")
-            image = read_tif(path)
+            try:
+                image = read_tif(path)
+            except ValueError as e:
+                raise ValueError(f"has a band that {path} {e}")
             if image.shape != (size, size) or image.dtype != np.uint16:
                 raise ValueError(f"band {path} is {image.dtype} {image.shape}, expected uint16 ({size}, {size})")
             group.append(image)

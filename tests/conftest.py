@@ -25,7 +25,7 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-TINY_STUDENT = ["--student", "vit_tiny_patch16_224", "--input-size", "32"]
+TINY_STUDENT = ["--student", "test_vit", "--input-size", "32"]  # timm's 0.5M-parameter test ViT
 EUROSAT_CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
                    "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"]
 
@@ -108,8 +108,8 @@ def make_eurosat_ms(root, per_class=6, classes=EUROSAT_CLASSES, size=64, seed=0)
         for n in range(1, per_class + 1):
             base = class_signal(label, len(classes))[None, None, :]
             image = base + rng.normal(0, 300, (size, size, 13))
-            tifffile.imwrite(os.path.join(root, name, f"{name}_{n}.tif"),
-                             np.clip(image, 0, 10000).astype(np.uint16))
+            tifffile.imwrite(os.path.join(root, name, f"{name}_{n}.tif"), np.clip(image, 0, 10000).astype(np.uint16),
+                             photometric="minisblack", planarconfig="contig")  # 13 samples a pixel, as EuroSAT's
     return str(root)
 
 

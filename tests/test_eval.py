@@ -195,8 +195,14 @@ def test_cli_baseline_with_default_run_folder_and_log(patched_run, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     E.main(["--model", TINY_CLIP, "--pretrained", "none", "--data", "eurosat_ms", "--root", patched_run["root"],
             "--workers", "0"])
-    metrics = json.load(open(tmp_path / "runs/eval" / f"{TINY_CLIP}-none-eurosat_ms-test" / "metrics.json"))
+    (folder,) = os.listdir(tmp_path / "runs/eval")  # the data folder's path in the name: another is another run
+    assert folder == f"{TINY_CLIP}-none-eurosat_ms-test-{C.sha256_of(os.path.realpath(patched_run['root']))[:8]}"
+    metrics = json.load(open(tmp_path / "runs/eval" / folder / "metrics.json"))
     (row,) = [json.loads(line) for line in open(tmp_path / "runs/results.jsonl")]
+    copy = shutil.copytree(patched_run["root"], tmp_path / "elsewhere")
+    E.main(["--model", TINY_CLIP, "--pretrained", "none", "--data", "eurosat_ms", "--root", str(copy), "--workers", "0",
+            "--no-plots"])  # the same model and data set from another folder: not refused, nothing replaced
+    assert len(os.listdir(tmp_path / "runs/eval")) == 2
     assert metrics["ckpt"] is None and metrics["model"] == TINY_CLIP and metrics["ckpt_kind"] == "baseline"
     assert metrics["case"] == {"clip_rgb": "transfer"} and row["case/clip_rgb"] == "transfer"
     assert row["ckpt_sha256"] is None and row["pretrained"] == "none"
@@ -224,7 +230,7 @@ def test_a_file_of_a_stage1_folder_is_evaluated_as_what_it_is(patched_run, patch
     torch.testing.assert_close(saved["features"]["clip_rgb"], expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(saved["features"]["clip_rgb"], patched_eval["saved"]["features"]["clip_rgb"], atol=1e-3)
     assert E.default_out(E.parse_args(["--ckpt", finetuned]), "finetuned", C.Scenes(
-        "eurosat_ms", "r", "ms", [], [], (), split="test"), False) == patched_run["ckpt"] + "-finetuned-eval-eurosat_ms-test"
+        "eurosat_ms", "r", "ms", [], [], (), split="test"), False).startswith(patched_run["ckpt"] + "-finetuned-eval-eurosat_ms-test-")
     weights = os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS)
     metrics, (row,) = cli(tmp_path, "--ckpt", weights, "--root", patched_run["root"], "--no-plots")
     assert metrics["ckpt_kind"] == row["ckpt_kind"] == "patched"
@@ -277,7 +283,11 @@ def test_cli_on_student_measures_both_modalities_retrieval_and_gap(patched_run, 
     sim = F.normalize(ms, dim=-1) @ F.normalize(rgb, dim=-1).T  # no ties in real embeddings: argmax = top 1
     assert m["cross_modal"]["ms_to_rgb"]["recall@1"] == pytest.approx(
         (sim.argmax(1) == torch.arange(len(sim))).float().mean().item())
-    assert m["cross_modal"]["rgb_to_ms"]["recall@10"] == 1.0  # 10 test images
+    n = metrics["n_images"]  # 11 test images: recall@20 and @50 are 1 by construction,
+    assert m["cross_modal"]["rgb_to_ms"]["recall@20"] == m["cross_modal"]["ms_to_rgb"]["recall@50"] == 1.0
+    # said where it is printed (and in metrics.json): a cut-off at or above the images is no measurement
+    assert f"{n} test images: recall@20, 50 is 1 for any model; read these as a check, not a measurement" \
+        in metrics["warnings"] and n == 11
     gap = m["modality_gap"]
     assert gap["after"]["true_pair_cosine"] > gap["before"]["true_pair_cosine"]
     assert gap["after"]["centroid_distance"] < gap["before"]["centroid_distance"]
@@ -365,3 +375,11 @@ def test_results_log_that_cannot_be_written(patched_run, tmp_path, capsys):
     expect_user_error(capsys, ["--ckpt", patched_run["ckpt"], "--root", patched_run["root"], "--out",
                                str(tmp_path / "eval"), "--results", str(tmp_path / "a-file" / "results.jsonl")],
                       "--results", "results.jsonl")
+
+
+def test_small_split_caveats():
+    assert E.small_split_caveats(500, True) == [] and E.small_split_caveats(33, False) == []
+    assert E.small_split_caveats(33, True) == ["33 test images: recall@50 is 1 for any model; read these as a check, "
+                                               "not a measurement"]
+    (one,) = E.small_split_caveats(1, False)
+    assert "precision@10 ranks all of them" in one and "every average precision is 1" in one

@@ -147,7 +147,7 @@ def teacher_folder(tmp_path_factory, tiny_clip_config):
 
 def student_backbone(seed):
     torch.manual_seed(seed)
-    return C.Student("vit_tiny_patch16_224", 32, 32).backbone.state_dict()
+    return C.Student("test_vit", 32, 32).backbone.state_dict()  # as TINY_STUDENT
 
 
 def test_moco_checkpoint_loads_the_base_encoder(teacher_folder, tmp_path):
@@ -156,7 +156,7 @@ def test_moco_checkpoint_loads_the_base_encoder(teacher_folder, tmp_path):
                            **{f"module.momentum_encoder.{k}": v for k, v in momentum.items()}}}
     torch.save(ckpt, tmp_path / "moco.pth")
     result = align.main(["--teacher", teacher_folder["folder"], "--root", teacher_folder["root"], *TINY_STUDENT,
-                         "--epochs", "1", "--max-steps", "0", "--workers", "0", "--student-weights",
+                         "--epochs", "1", "--max-steps", "1", "--workers", "0", "--student-weights",
                          str(tmp_path / "moco.pth"), "--student-weights-bands", "eurosat", "--out", str(tmp_path / "a")])
     init = evaluate.load_student(str(tmp_path / "a" / "student_init.pt"))
     for k, v in base.items():
@@ -181,7 +181,7 @@ def test_dino_checkpoint_loads_its_teacher(teacher_folder, tmp_path):
     torch.save({"student": {f"module.backbone.{k}": v for k, v in student_weights.items()},
                 "teacher": {f"backbone.{k}": v for k, v in teacher_weights.items()}}, tmp_path / "dino.pth")
     align.main(["--teacher", teacher_folder["folder"], "--root", teacher_folder["root"], *TINY_STUDENT,
-                "--epochs", "1", "--max-steps", "0", "--workers", "0", "--student-weights", str(tmp_path / "dino.pth"),
+                "--epochs", "1", "--max-steps", "1", "--workers", "0", "--student-weights", str(tmp_path / "dino.pth"),
                 "--student-weights-bands", "eurosat", "--out", str(tmp_path / "c")])
     init = evaluate.load_student(str(tmp_path / "c" / "student_init.pt"))
     assert all(torch.equal(init.backbone.state_dict()[k], v) for k, v in teacher_weights.items())

@@ -19,7 +19,7 @@ patch, align, evaluate = (load_stage(f) for f in ("01_patch_clip.py", "02_align_
 PCA_JSON = "modality_gap_pca.json"
 JSON_FILES = ("metrics.json", "args.json", PCA_JSON)
 PIXELS = {"alpha.png": (800, 380), "training.png": (900, 300), "modality_gap.png": (900, 460),  # 100 dpi
-          "confusion.png": (900, 500), "per_class_ap.png": (800, 600), "summary.png": (800, 400)}
+          "confusion.png": (900, 500), "per_class_ap.png": (900, 600), "summary.png": (800, 400)}
 
 
 def align_args(teacher, root, out, *extra, epochs=3):
@@ -139,11 +139,11 @@ def test_confusion_matrix_is_a_hand_count_and_stays_out_of_the_results_log(runs)
 
 def test_per_class_ap_bars_of_multilabel_results_from_a_metrics_json(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the pictures need matplotlib (pip install matplotlib)")
-    classes = C.bigearthnet_nomenclature()["labels19"]  # long names: the labels are shortened
+    classes = C.bigearthnet_nomenclature()["labels19"]  # long names, drawn whole, in this order
     aps = {c: (i % 7) / 7 for i, c in enumerate(classes)}
     aps[classes[3]] = None  # a class without positive test images: no bar
     zeroshot = {name: {"mean_average_precision": 0.4, "per_class_ap": aps} for name in ("clip_rgb", "student_ms")}
-    C.write_json(str(tmp_path / "metrics.json"), {"metrics": {"zeroshot": zeroshot}})
+    C.write_json(str(tmp_path / "metrics.json"), {"metrics": {"zeroshot": zeroshot}, "classes": classes})
     C.write_json(str(tmp_path / "args.json"), {"stage": "03_eval.py"})  # as every run folder has
     evaluate.main(["--redraw", str(tmp_path)])
     assert plot_lines(capsys) == [f"plots: wrote {tmp_path / 'per_class_ap.png'}"]

@@ -458,3 +458,31 @@ def test_quickgelu_weights_are_recorded_under_the_name_that_rebuilds_them(tmp_pa
     with torch.no_grad():
         assert torch.equal(same.eval().encode_image(x), model.encode_image(x))
         assert not torch.allclose(plain.eval().encode_image(x), model.encode_image(x))  # GELU: another model
+
+
+# ----------------------------------------------------------------------------- hints that fit the mistake
+
+
+def test_multispectral_tifs_read_as_rgb_get_one_line_and_the_hint(tmp_path, capsys, caplog):
+    """--data eurosat --root <EuroSAT MS tifs> printed PIL's 'More samples per pixel than can be
+    decoded: 13' once per file, then an error without the hint that fits: --data eurosat_ms."""
+    root = small_ms(tmp_path)
+    expect_error(capsys, tiny_patch_args(root, tmp_path / "out", "eurosat"), "--data eurosat_ms", out=tmp_path / "out")
+    assert not [r for r in caplog.records if r.name.startswith("PIL")]
+
+
+@pytest.mark.parametrize("data", ["eurosat_ms", "folder"])
+def test_a_root_one_level_too_high_is_said(tmp_path, capsys, data):
+    root = small_ms(tmp_path / "data") if data == "eurosat_ms" else \
+        make_eurosat_rgb(tmp_path / "data" / "rgb", per_class=2, classes=SMALL, size=16)
+    inner = root if data == "eurosat_ms" else os.path.join(root, "eurosat")
+    os.makedirs(tmp_path / "data" / "notes")  # a folder beside it
+    line = expect_error(capsys, tiny_patch_args(os.path.dirname(inner), tmp_path / "out", data), "one level too high")
+    assert line.endswith(f"pass --root {inner}")
+
+
+def test_max_steps_zero_is_refused(tmp_path, capsys):
+    """--max-steps 0 wrote a 'patched' CLIP that was never fine-tuned, without a word."""
+    expect_error(capsys, tiny_patch_args(small_ms(tmp_path), tmp_path / "out", "eurosat_ms", "--max-steps", "0"),
+                 "--max-steps 0", out=tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")

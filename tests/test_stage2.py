@@ -87,7 +87,7 @@ def test_ssl4eo_checkpoint_loads_every_backbone_tensor_in_band_order(tmp_path, c
 
 
 def test_three_band_or_foreign_checkpoint_is_refused(tmp_path, patched_run, capsys):
-    three_band = C.Student("vit_tiny_patch16_224", 32, input_size=32, in_chans=3).backbone.state_dict()
+    three_band = C.Student("test_vit", 32, input_size=32, in_chans=3).backbone.state_dict()  # as TINY_STUDENT
     torch.save({"state_dict": three_band}, tmp_path / "rgb.pth")
     expect_error(capsys, align_args(patched_run, tmp_path / "a", "--student-weights", str(tmp_path / "rgb.pth")),
                  "rgb.pth", "patch_embed.proj.weight", "13-band")
@@ -139,7 +139,7 @@ def test_cli_writes_a_student_that_round_trips(aligned, patched_run):
     assert state_equal(student.state_dict(), aligned["student"].state_dict())
     assert record["teacher"]["weights_sha256"] == C.sha256_of(os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
     assert (record["arch"], record["in_chans"], record["input_size"], record["embed_dim"]) == \
-        ("vit_tiny_patch16_224", 13, 32, 32)
+        ("test_vit", 13, 32, 32)
     # the training scenes, by the README's hashed split computed here (conftest.hash_split)
     ids = sorted(os.path.splitext(os.path.relpath(f, patched_run["root"]))[0]
                  for f in glob.glob(os.path.join(patched_run["root"], "*", "*.tif")))
@@ -365,3 +365,21 @@ def test_official_flags_drop_path_no_shuffle_and_an_exact_warm_up(patched_run, t
     default = align.main(align_args(patched_run, tmp_path / "b", "--drop-path", "0", "--no-plots", epochs=1))
     assert all(block.drop_path1.__class__.__name__ == "Identity" for block in default["student"].backbone.blocks)
     assert "warm-up 0)" in capsys.readouterr().out  # a tenth of this short run
+
+
+def test_a_clip_checkpoint_as_student_weights_names_a_few_keys_and_stops(patched_run, tmp_path, capsys):
+    """--student-weights given a CLIP's weights printed ~18 KB of key names before its one-line error."""
+    import safetensors.torch
+    clip = safetensors.torch.load_file(os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS))
+    torch.save(clip, tmp_path / "clip.pt")
+    with pytest.raises(SystemExit):
+        align.main(align_args(patched_run, tmp_path / "a", "--student-weights", str(tmp_path / "clip.pt")))
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1].startswith("error: --student-weights")
+    listed = captured.out[captured.out.index("unexpected:"):]
+    assert len(listed) < 400 and listed.count(",") == 3 and "more" in listed, listed
+
+
+def test_max_steps_zero_is_refused(patched_run, tmp_path, capsys):
+    expect_error(capsys, align_args(patched_run, tmp_path / "a", "--max-steps", "0"), "--max-steps 0")
+    assert not os.path.exists(tmp_path / "a.partial")

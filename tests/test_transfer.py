@@ -52,11 +52,15 @@ def test_summary_of_known_lines_is_the_known_table():
     student = table[("student", "/r/align/student.pt")]
     assert student[eurosat] == pytest.approx((65.0, 25.0)) and student[ben] == pytest.approx((45.0, 25.0))
     text = evaluate.summary_table(table, names)
-    assert text.splitlines()[0] == "| model | bigearthnet19 test | eurosat_ms test |"
+    assert text.splitlines()[0] == "| model | bigearthnet19 test, 100 images | eurosat_ms test, 100 images |"
     assert "| CLIP ViT-B-32 (openai) | 20.00 | 40.00 |" in text
     assert "| student /r/align/student.pt | 45.00 (+25.00) | 65.00 (+25.00) |" in text
     rows = list(csv.reader(io.StringIO(evaluate.summary_table(table, names, "csv"))))
-    assert rows[0] == ["model", "bigearthnet19 test", "eurosat_ms test"] and len(rows) == 4
+    # csv is for machines: a number per cell, the gain in a column of its own
+    assert rows[0] == ["model", "bigearthnet19 test, 100 images", "bigearthnet19 test, 100 images gain",
+                       "eurosat_ms test, 100 images", "eurosat_ms test, 100 images gain"] and len(rows) == 4
+    assert rows[-1] == ["student /r/align/student.pt", "45.00", "25.00", "65.00", "25.00"]
+    assert ["CLIP ViT-B-32 (openai)", "20.00", "", "40.00", ""] in rows
 
 
 def test_summary_rows_are_weights_not_paths():
@@ -87,7 +91,7 @@ def test_summary_keeps_other_seeds_and_roots_apart_but_not_official_splits():
              {**line("patched", "bigearthnet19", 0.30, ckpt="/r/p", metric="mean_average_precision"), "split_seed": 3}]
     text = evaluate.summary_table(*evaluate.summary_rows(lines))
     header = text.splitlines()[0]
-    assert "eurosat_ms test (seed 4)" in header and "eurosat_ms test (seed 5) [/d/eurosat]" in header
+    assert "eurosat_ms test, 100 images (seed 4)" in header and "eurosat_ms test, 100 images (seed 5) [/d/eurosat]" in header
     assert "[/e/eurosat]" in header and "(+20.00)" not in text  # no gain across other test images
     assert "| 30.00 (+10.00) |" in text  # the official BigEarthNet split is one column whatever the seed
 
@@ -97,7 +101,7 @@ def test_summary_keeps_other_prompts_and_other_splits_apart():
              line("patched", "eurosat_ms", 0.50, ckpt="/r/p", split="all", n=200)]
     text = evaluate.summary_table(*evaluate.summary_rows(lines))
     header = text.splitlines()[0]
-    assert "eurosat_ms test [prompts p1]" in header and "eurosat_ms test [prompts p2]" in header
+    assert "eurosat_ms test, 100 images [prompts p1]" in header and "eurosat_ms test, 100 images [prompts p2]" in header
     assert "eurosat_ms all" in header
     # no gain against a baseline that saw other prompts: the cell stands alone
     assert " 60.00 |" in text and "(+20.00)" not in text
