@@ -49,6 +49,10 @@ REFLECTANCE_SCALE = 1.0 / 10000.0  # digital number -> reflectance (L1C top of a
 # BigEarthNet-S2 v1.0 stores each L2A band at its own resolution (no B10): 10 m, 20 m, 60 m.
 BIGEARTHNET_BANDS = (("B02", "B03", "B04", "B08"), ("B05", "B06", "B07", "B8A", "B11", "B12"), ("B01", "B09"))
 BIGEARTHNET_SIZES = (120, 60, 20)  # pixels a side of each group
+# SEN12MS stores 13 L1C bands, B8A after B08 (the official MTMG config calls it "S2_L2A"; it is L1C, with B10).
+SEN12MS_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+SEN12MS_CLASSES = ("forest", "shrubland", "savanna", "grassland", "wetlands", "croplands", "urban / built-up",
+                   "snow / ice", "barren", "water")  # the SEN12MS toolbox's simplified IGBP scheme
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bigearthnet")  # official lists
 
 # The CLIP paper's EuroSAT class names and templates, keyed by EuroSAT's folder names.
@@ -225,6 +229,47 @@ def list_bigearthnet(dataset, root, download=False, n_classes=19):
                 labels=np.stack(targets), official_split=splits, left_out=left_out, unusable=unusable)
 
 
+def sen12ms_targets(shares, threshold=0.1):
+    """The SEN12MS toolbox's 10 simplified IGBP classes from a patch's 17 IGBP shares p:
+    [p0+..+p4, p5+p6, p7+p8, p9, p10, p11+p13, p12, p14, p15, p16]; a class is present where its share is
+    >= threshold (the toolbox's 0.1)."""
+    p = np.asarray(shares, np.float64)
+    simplified = [p[0:5].sum(), p[5:7].sum(), p[7:9].sum(), p[9], p[10], p[11] + p[13], p[12], p[14], p[15], p[16]]
+    return (np.array(simplified) >= threshold).astype(np.uint8)
+
+
+def list_sen12ms(dataset, root, download=False, threshold=0.1, val_fraction=0.1):
+    """SEN12MS: root/ROIs<id>_<season>/s2_<scene>/ROIs<id>_<season>_s2_<scene>_p<patch>.tif, with the
+    toolbox's label file and official split lists beside them (IGBP_probability_labels.pkl, train_list.txt,
+    test_list.txt). There is no official val list: val is the train-list scenes (s2_<scene> folders, whole)
+    whose SHA-256("0/<season>/<scene>") falls in the first `val_fraction`. Listed patches missing on disk
+    are left out and counted."""
+    import pickle
+    need = [os.path.join(root, f) for f in ("IGBP_probability_labels.pkl", "train_list.txt", "test_list.txt")]
+    if not all(map(os.path.isfile, need)):
+        raise UserError(f"{next(p for p in need if not os.path.isfile(p))} does not exist; --data {dataset} reads "
+                        f"the ROIs*/s2_*/ folders and, beside them, the label file and split lists of the SEN12MS "
+                        f"toolbox (github.com/schmitt-muc/SEN12MS: labels/, splits/)")
+    with open(need[0], "rb") as f:
+        shares = pickle.load(f)  # the toolbox's file: patch id -> 17 IGBP shares
+    files, splits, targets, left_out = [], [], [], {}
+    for split, path in zip(("train", "test"), need[1:]):
+        with open(path) as f:
+            for pid in sorted(line.strip() for line in f if line.strip()):
+                season, scene = pid.split("_s2_")[0], "s2_" + pid.split("_s2_")[1].rsplit("_p", 1)[0]
+                if not os.path.isfile(os.path.join(root, season, scene, pid)):
+                    left_out["listed but not on disk"] = left_out.get("listed but not on disk", 0) + 1
+                    continue
+                held = split == "train" and scene_hash(0, f"{season}/{scene}") / 2 ** 64 < val_fraction
+                files.append(os.path.join(season, scene, pid))
+                splits.append("val" if held else split)
+                targets.append(sen12ms_targets(shares[pid], threshold))
+    if not files:
+        raise UserError(f"{root} holds none of the patches on its split lists; pass --root DIR holding ROIs*/s2_*/*.tif")
+    return dict(root=root, classes=list(SEN12MS_CLASSES), classnames=list(SEN12MS_CLASSES), files=files,
+                labels=np.stack(targets), official_split=splits, left_out=left_out)
+
+
 def imagenet_prompts():
     """ImageNet's class names and the CLIP paper's 80 templates as open_clip ships them, keyed by the
     ILSVRC-2012 synset ids in their standard (sorted) order as timm ships them."""
@@ -271,7 +316,8 @@ def read_tif(path):
 
 
 def read_s2_tif(path):
-    """A 13-band EuroSAT MS tif as uint16 (H, W, 13) in S2_BANDS order (bands-first tifs accepted)."""
+    """A 13-band Sentinel-2 tif as uint16 (H, W, 13) as stored (EuroSAT MS: S2_BANDS order; SEN12MS's
+    bands-first tifs: SEN12MS_BANDS order)."""
     image = read_tif(path)
     if image.ndim == 3 and image.shape[0] == len(S2_BANDS) and image.shape[-1] != len(S2_BANDS):
         image = image.transpose(1, 2, 0)  # bands-first tif
@@ -343,6 +389,8 @@ DATA = {
     "bigearthnet19": _bigearthnet(19),
     "bigearthnet43": _bigearthnet(43),
     "bigearthnet5": _bigearthnet(5),
+    "sen12ms": DataSet("ms", "data/SEN12MS", list_sen12ms, read_s2_tif, GENERIC_TEMPLATES,
+                       Pixels((SEN12MS_BANDS,), L1C_RGB_MAX), official_splits=True, multilabel=True),
 }
 MS_DATASETS = tuple(name for name, entry in DATA.items() if entry.modality == "ms")
 
