@@ -180,8 +180,9 @@ def load_backbone_weights(student, path, bands):
         print(f"resampled the position embedding to a {grid[0]}x{grid[1]} grid")
     for name, value in loaded.items():
         if value.shape != target[name].shape:
-            raise C.UserError(f"--student-weights {path}: {name} has shape {tuple(value.shape)}, the 13-band "
-                              f"{type(student.backbone).__name__} needs {tuple(target[name].shape)}; pass a 13-band "
+            bands = student.backbone.patch_embed.proj.in_channels
+            raise C.UserError(f"--student-weights {path}: {name} has shape {tuple(value.shape)}, the {bands}-band "
+                              f"{type(student.backbone).__name__} needs {tuple(target[name].shape)}; pass a {bands}-band "
                               f"checkpoint of this architecture (--student)")
     missing = [k for k in target if k not in loaded]
     few = lambda keys: ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") or "none"  # noqa
@@ -196,9 +197,11 @@ def load_backbone_weights(student, path, bands):
 def student_record(student, arch, meta, teacher, scenes):
     """student.pt: what stage 3 needs to rebuild a student, find its teacher and know its scenes and
     prompts; plain values and a state dict (weights_only-safe; stage 3's load_student reads it)."""
-    return {"kind": "rsclip-align/student", "arch": arch, "bands": list(C.S2_BANDS), "in_chans": len(C.S2_BANDS),
+    bands = scenes.pixels.student_bands  # the 13 Sentinel-2 bands, or a Sentinel-1 student's polarisations
+    return {"kind": "rsclip-align/student", "arch": arch, "bands": list(bands), "in_chans": len(bands),
             "input_size": student.input_size, "embed_dim": student.proj.out_features,
-            "normalisation": {"reflectance_scale": C.REFLECTANCE_SCALE, "clip": [0.0, 1.0]},
+            "normalisation": {"db_mean_std": scenes.pixels.sar} if scenes.pixels.sar else
+            {"reflectance_scale": C.REFLECTANCE_SCALE, "clip": [0.0, 1.0]},
             "teacher": {"path": os.path.abspath(teacher), "model": meta["model"], "weights_sha256": meta["weights_sha256"]},
             "dataset": scenes.dataset, "root": os.path.abspath(scenes.root), "scenes": C.scene_set(scenes.dataset, scenes.root),
             "split_seed": scenes.seed, "classes": scenes.classes, "classnames": list(scenes.classnames),
@@ -265,7 +268,7 @@ def run(args):
     # ------------------------------------------------------------------ student, optimizer
     torch.manual_seed(args.seed)
     student = C.Student(args.student, teacher.visual.output_dim, args.input_size,  # to CLIP's embedding size
-                        drop_path_rate=args.drop_path)
+                        in_chans=len(train.pixels.student_bands), drop_path_rate=args.drop_path)
     if args.student_weights:
         load_backbone_weights(student, args.student_weights, args.student_weights_bands)
     student.to(device)

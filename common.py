@@ -49,6 +49,8 @@ REFLECTANCE_SCALE = 1.0 / 10000.0  # digital number -> reflectance (L1C top of a
 # BigEarthNet-S2 v1.0 stores each L2A band at its own resolution (no B10): 10 m, 20 m, 60 m.
 BIGEARTHNET_BANDS = (("B02", "B03", "B04", "B08"), ("B05", "B06", "B07", "B8A", "B11", "B12"), ("B01", "B09"))
 BIGEARTHNET_SIZES = (120, 60, 20)  # pixels a side of each group
+# BigEarthNet-S1 v1.0: VV and VH backscatter in dB (float32, 120 px), with BigEarthNet's published mean and std.
+BIGEARTHNET_S1 = {"VV": (-12.620, 5.116), "VH": (-19.290, 5.464)}
 # SEN12MS stores 13 L1C bands, B8A after B08 (the official MTMG config calls it "S2_L2A"; it is L1C, with B10).
 SEN12MS_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 SEN12MS_CLASSES = ("forest", "shrubland", "savanna", "grassland", "wetlands", "croplands", "urban / built-up",
@@ -79,9 +81,14 @@ TIF_SUFFIXES = (".tif", ".tiff")
 @dataclass(frozen=True)
 class Pixels:
     """How an 'ms' data set stores its bands: the band names of each stored array (one per
-    resolution), and the digital number its RGB composite shows as grey level 255."""
+    resolution), and the digital number its RGB composite shows as grey level 255; `sar`: for a
+    Sentinel-1 student, each polarisation's dB (mean, std) to z-score it with (None: the student
+    reads the 13 Sentinel-2 bands)."""
     bands: tuple
     rgb_max: float
+    sar: dict = None
+
+    student_bands = property(lambda self: tuple(self.sar) if self.sar else S2_BANDS)
 
 
 @dataclass
@@ -181,13 +188,16 @@ def official_splits(folder=SHIPPED):
     return splits
 
 
-def list_bigearthnet(dataset, root, download=False, n_classes=19):
+def list_bigearthnet(dataset, root, download=False, n_classes=19, s1=False):
     """BigEarthNet-S2 v1.0: root/BigEarthNet-v1.0/<patch>/<patch>_<band>.tif and
     <patch>_labels_metadata.json (or root is that folder). Only patches on the official lists
-    are kept; a patch without a label among the `n_classes` is left out; both are counted."""
-    folder = next((p for p in (os.path.join(root, "BigEarthNet-v1.0"), root) if os.path.isdir(p)), root)
+    are kept; a patch without a label among the `n_classes` is left out; both are counted. With `s1`,
+    BigEarthNet-S1 v1.0 (root/BigEarthNet-S1-v1.0/<patch>/<patch>_VV.tif, _VH.tif) beside it: each S1
+    patch takes the split of the S2 patch its labels json names (corresponding_s2_patch)."""
+    archive = "BigEarthNet-S1-v1.0" if s1 else "BigEarthNet-v1.0"
+    folder = next((p for p in (os.path.join(root, archive), root) if os.path.isdir(p)), root)
     if not os.path.isdir(folder):
-        raise UserError(f"data folder {root} does not exist; pass --root DIR holding BigEarthNet-v1.0/<patch folders>")
+        raise UserError(f"data folder {root} does not exist; pass --root DIR holding {archive}/<patch folders>")
     entries = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if (os.path.exists(os.path.join(root, "metadata.parquet")) or "BigEarthNet-S2" in entries
             or any(re.search(r"_N\d{4}_R\d{3}_T\w{5}$", d) for d in entries[:50])):
@@ -200,33 +210,60 @@ def list_bigearthnet(dataset, root, download=False, n_classes=19):
     split_of = official_splits()
     files, splits, targets, left_out, unusable = [], [], [], {}, {}
     for name in entries:
-        if name not in split_of:
+        if not s1 and name not in split_of:
             reason = "not on the official lists (seasonal snow, cloud or shadow, or not BigEarthNet-S2 v1.0)"
             left_out[reason] = left_out.get(reason, 0) + 1
             continue
-        target = np.zeros(len(classes), np.uint8)
+        target, key = np.zeros(len(classes), np.uint8), name
         path = os.path.join(folder, name, f"{name}_labels_metadata.json")
         try:
             with open(path) as f:
-                names = json.load(f)["labels"]
-            unknown = [n for n in names if n not in index43]
+                meta = json.load(f)
+            key = meta["corresponding_s2_patch"] if s1 else name  # an S1 patch: its S2 partner's split
+            unknown = [n for n in meta["labels"] if n not in index43]
             if unknown:
                 raise ValueError(f"has label {unknown[0]!r}, not a BigEarthNet-v1.0 (43-class) name")
-            target[[mapping[index43[n]] for n in names if index43[n] in mapping]] = 1
+            target[[mapping[index43[n]] for n in meta["labels"] if index43[n] in mapping]] = 1
         except (OSError, ValueError, KeyError, TypeError) as e:
             unusable[name] = f"{path}: {e}" if isinstance(e, ValueError) and "label" in str(e) else \
                 f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]})"
-        if not target.any() and name not in unusable:
+        if key not in split_of:  # (S1) its partner is off the lists, or its json cannot say which it is
+            reason = "whose Sentinel-2 partner is not on the official lists, or not named"
+            left_out[reason] = left_out.get(reason, 0) + 1
+        elif not target.any() and name not in unusable:
             reason = f"with no label among the {n_classes} classes"
             left_out[reason] = left_out.get(reason, 0) + 1
         else:
-            files, splits, targets = files + [name], splits + [split_of[name]], targets + [target]
+            files.append(name)
+            splits.append(split_of[key])
+            targets.append(target)
     if not files:
-        raise UserError(f"{folder} holds no BigEarthNet-S2 v1.0 patch folders of the official splits "
+        raise UserError(f"{folder} holds no {archive} patch folders of the official splits "
                         f"({', '.join(f'{n} {r}' for r, n in left_out.items()) or 'no sub-folders'}); "
-                        f"pass --root DIR holding BigEarthNet-v1.0/<patch>/<patch>_B02.tif, ...")
+                        f"pass --root DIR holding {archive}/<patch>/<patch>_<band>.tif, ...")
     return dict(root=folder, classes=classes, classnames=[c.lower() for c in classes], files=files,
                 labels=np.stack(targets), official_split=splits, left_out=left_out, unusable=unusable)
+
+
+def read_bigearthnet_s1(folder):
+    """A BigEarthNet-S1 v1.0 patch folder and its Sentinel-2 partner (BigEarthNet-v1.0/<partner>/
+    beside the S1 archive): the partner's three uint16 arrays (read_bigearthnet) and the S1 patch's
+    (120, 120, 2) float32 VV, VH in dB, as stored."""
+    name = os.path.basename(folder.rstrip(os.sep))
+    with open(os.path.join(folder, f"{name}_labels_metadata.json")) as f:
+        partner = json.load(f)["corresponding_s2_patch"]
+    s2 = os.path.join(os.path.dirname(os.path.dirname(folder.rstrip(os.sep))), "BigEarthNet-v1.0", partner)
+    if not os.path.isdir(s2):
+        raise ValueError(f"has no Sentinel-2 partner: {partner} ({s2}) does not exist")
+    sar = []
+    for band in BIGEARTHNET_S1:
+        path = os.path.join(folder, f"{name}_{band}.tif")
+        image = read_tif(path) if os.path.isfile(path) else None
+        if image is None or image.shape != (120, 120) or image.dtype != np.float32:
+            raise ValueError(f"band {path} is " + ("missing" if image is None else f"{image.dtype} {image.shape}")
+                             + ", expected float32 (120, 120) dB")
+        sar.append(image)
+    return (*read_bigearthnet(s2), np.stack(sar, axis=-1))
 
 
 def sen12ms_targets(shares, threshold=0.1):
@@ -376,6 +413,13 @@ def _bigearthnet(n_classes):
                    official_splits=True, multilabel=True, scenes="bigearthnet")
 
 
+def _bigearthnet_s1(n_classes):
+    return DataSet("ms", "data", lambda name, root, download: list_bigearthnet(name, root, download, n_classes, True),
+                   read_bigearthnet_s1, GENERIC_TEMPLATES,
+                   Pixels((*BIGEARTHNET_BANDS, tuple(BIGEARTHNET_S1)), L2A_RGB_MAX, sar=BIGEARTHNET_S1),
+                   official_splits=True, multilabel=True, scenes="bigearthnet")
+
+
 DATA = {
     "eurosat": DataSet("rgb", "data/eurosat", _folders(classnames=EUROSAT_CLASSNAMES, fetch=download_eurosat,
                                                        subfolders=(os.path.join("eurosat", "2750"), "2750")),
@@ -389,6 +433,7 @@ DATA = {
     "bigearthnet19": _bigearthnet(19),
     "bigearthnet43": _bigearthnet(43),
     "bigearthnet5": _bigearthnet(5),
+    "bigearthnet19_s1": _bigearthnet_s1(19),
     "sen12ms": DataSet("ms", "data/SEN12MS", list_sen12ms, read_s2_tif, GENERIC_TEMPLATES,
                        Pixels((SEN12MS_BANDS,), L1C_RGB_MAX), official_splits=True, multilabel=True),
 }
@@ -671,6 +716,8 @@ def s2_bands(raw, pixels, device):
     grid = max((a.shape[-2:] for a in arrays), key=lambda s: s[0] * s[1])
     out = arrays[0].new_zeros((len(arrays[0]), len(S2_BANDS), *grid))
     for a, bands in zip(arrays, pixels.bands):
+        if bands[0] not in S2_BANDS:  # a Sentinel-1 partner's polarisations
+            continue
         if a.shape[-2:] != grid:
             a = F.interpolate(a, size=tuple(grid), mode="bilinear", align_corners=False)
         out[:, [S2_BANDS.index(b) for b in bands]] = a
@@ -742,11 +789,18 @@ def clip_input(raw, preprocess_cfg, device, pixels=None, augment=None):
 
 
 def ms_input(raw, size, device, pixels=None):
-    """The student's input from a raw Sentinel-2 batch, on the device: the 13 bands on one grid
-    (s2_bands; `pixels` None: EuroSAT's (B, H, W, 13) uint16), reflectance (digital number / 10000,
-    clipped to [0, 1]), bicubic resize to the student's input size."""
-    x = s2_bands(raw, pixels or Pixels((S2_BANDS,), None), device)
-    x = torch.clamp(x * REFLECTANCE_SCALE, 0, 1)
+    """The student's input from a raw batch, on the device: the 13 Sentinel-2 bands on one grid
+    (s2_bands; `pixels` None: EuroSAT's (B, H, W, 13) uint16) as reflectance (digital number / 10000,
+    clipped to [0, 1]); or, for a Sentinel-1 student (pixels.sar), its polarisations' dB z-scored,
+    (dB - mean) / std, as float (never cast to integers); bicubic resize to the student's input size."""
+    pixels = pixels or Pixels((S2_BANDS,), None)
+    if pixels.sar:
+        k = next(k for k, bands in enumerate(pixels.bands) if bands == tuple(pixels.sar))
+        x = parts(raw)[k].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        mean, std = (torch.tensor(v, device=device)[:, None, None] for v in zip(*pixels.sar.values()))
+        x = (x - mean) / std
+    else:
+        x = torch.clamp(s2_bands(raw, pixels, device) * REFLECTANCE_SCALE, 0, 1)
     return resize_and_crop(x, size, "bicubic")
 
 
