@@ -17,6 +17,8 @@ tifs; student_ms: the student on the 13 bands of the same tifs):
 - zero-shot classification through the CLIP's text head: top-1, top-5, mean per-class recall and
   per-class accuracy (mean average precision for multi-label data), as LAION's CLIP_benchmark;
 - text -> image retrieval: each class's head vector ranks the test images; mAP and precision@10;
+- with --linear-probe, a logistic-regression probe on the frozen embeddings (the CLIP paper's
+  protocol: fitted on the train split, C chosen on val): its test top-1 (mAP for multi-label data);
 and for a student, with its teacher CLIP:
 - cross-modal retrieval of the same scenes, MS -> RGB and RGB -> MS: recall@1, 5, 10, 20, 50;
 - the modality gap: distance between the centroids of the normalised MS and RGB embeddings, and
@@ -68,7 +70,11 @@ def parse_args(argv=None):
     add("--out", help="run folder (default: <checkpoint folder>-eval-<data>-<split>-<root hash>, baseline: runs/eval/"
         "<model>-<pretrained>-<data>-<split>-<root hash>); with several --data, the folder of one <data>-<split> each")
     add("--results", default="runs/results.jsonl", help="results log, a JSON line per evaluation (default: %(default)s)")
-    add("--save-embeddings", action="store_true", help="also write OUT/embeddings.pt (embeddings, labels, files, head)")
+    add("--save-embeddings", action="store_true", help="also write OUT/embeddings.pt (embeddings, labels, files, head; "
+        "with --linear-probe the train and val embeddings too)")
+    add("--linear-probe", action="store_true", help="also fit a logistic-regression probe per encoder on the frozen "
+        "embeddings of the train split (same seed), C chosen on the val split, scored on the test split; on a data set "
+        "a model was trained on, its train split is that model's training data (docs/evaluation.md)")
     add("--overwrite", action="store_true", help="replace a finished evaluation in --out")
     add("--skip-bad-files", action="store_true", help="skip unreadable images, count them")
     add("--summary", nargs="?", const="runs/results.jsonl", metavar="RESULTS", help="only print the paper's table "
@@ -81,6 +87,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.summary_plot and not args.summary:
         p.error("--summary-plot draws the table of --summary; pass --summary too")
+    if args.linear_probe and args.split != "test":
+        p.error(f"--linear-probe trains on the train split and picks C on the val split; it scores the test split, "
+                f"drop --split {args.split}")
     return args
 
 
@@ -204,6 +213,69 @@ def cross_modal(ms, rgb):
             for name, ranks in (("ms_to_rgb", true_match_ranks(ms, rgb)), ("rgb_to_ms", true_match_ranks(rgb, ms)))}
 
 
+# ============================================================================ linear probe (--linear-probe)
+
+
+PROBE_CS = tuple(10.0 ** k for k in range(-6, 7))  # the CLIP paper's range of C = 1/lambda, a decade apart
+
+
+def fit_logistic(x, y, c, n_classes, max_iter=1000):
+    """L2-regularised logistic regression, sklearn's LogisticRegression(C=c) with lbfgs: minimises
+    mean_i loss_i + ||W||^2 / (2 c N) over W (D, K) and an unpenalised bias b (K), which is sklearn's
+    c * sum_i loss_i + ||W||^2 / 2 divided by c N. For class ids y (N,), loss_i is the cross-entropy
+    of softmax(x_i W + b) (multinomial); for 0/1 targets y (N, K), the sum over the K classes of the
+    binary cross-entropy of sigmoid(x_i W + b): K independent binary probes fitted side by side (for
+    K = 2 class ids sklearn fits one binary probe instead, the same predictions at its C = 2c).
+    torch's L-BFGS (strong-Wolfe line search, history 10 as scipy's) from zero, float64 on the CPU,
+    until the largest |gradient| is at most 1e-7 (sklearn's default tol: 1e-4) or a step changes the
+    objective or the weights by less than 1e-12, at most max_iter iterations (the CLIP paper's 1,000)
+    and 1.25 max_iter evaluations; returns (W, b, converged): converged False when a budget stopped it
+    (as sklearn's ConvergenceWarning; on separable data a large c puts the optimum near infinity)."""
+    x = x.double()
+    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    data_loss = (lambda z: F.binary_cross_entropy_with_logits(z, y.double(), reduction="sum") / len(x)) \
+        if y.ndim == 2 else (lambda z: F.cross_entropy(z, y.long()))
+    optimizer = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-12,
+                                  history_size=10, line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        loss = data_loss(x @ w + b) + (w * w).sum() / (2 * c * len(x))
+        loss.backward()
+        return loss
+    optimizer.step(objective)
+    state = optimizer.state[w]
+    return w.detach(), b.detach(), state["n_iter"] < max_iter and state["func_evals"] < max_iter * 5 // 4
+
+
+def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, cs=PROBE_CS):
+    """A linear probe on frozen embeddings, the CLIP paper's protocol (its appendix A.3: L-BFGS
+    logistic regression, C swept on a validation split): features L2-normalised (as CLIP_benchmark's
+    linear probe, normalize=True by default), fit_logistic on the train split for each C in cs (the
+    paper's 1e-6..1e6, a decade apart instead of its binary search to 8 steps a decade), the C with
+    the best val score kept (the smaller C on ties), and that probe scored on the test split: top-1
+    accuracy, or for 0/1 targets (N, K) the mean average precision of its K binary probes
+    (common.mean_average_precision). Unlike the paper (and CLIP_benchmark), the probe is not refitted
+    on train + val: the val images only choose C. Returns {'acc1' or 'mean_average_precision': test
+    score, 'C', 'val_score', 'converged' (the fit at that C), 'val_scores': [[C, val score], ...],
+    'n_train', 'n_val'}."""
+    train_x, val_x, test_x = (F.normalize(x.double(), dim=-1) for x in (train_x, val_x, test_x))
+    multilabel = train_y.ndim == 2
+    n_classes = train_y.shape[1] if multilabel else 1 + max(int(y.max()) for y in (train_y, val_y, test_y))
+    metric = "mean_average_precision" if multilabel else "acc1"
+
+    def score(x, y, fit):
+        logits = x @ fit[0] + fit[1]
+        return C.mean_average_precision(logits, y)[0] if multilabel else topk_accuracy(logits, y, 1)
+    fits = [fit_logistic(train_x, train_y, c, n_classes) for c in cs]
+    val_scores = [score(val_x, val_y, fit) for fit in fits]
+    best = int(torch.tensor(val_scores).nan_to_num(-1.0).argmax())  # the first maximum: the smaller C on ties
+    return {metric: score(test_x, test_y, fits[best]), "C": cs[best], "val_score": val_scores[best],
+            "converged": fits[best][2], "val_scores": [[c, s] for c, s in zip(cs, val_scores)],
+            "n_train": len(train_x), "n_val": len(val_x)}
+
+
 # ============================================================================ checkpoints and data
 
 
@@ -294,11 +366,14 @@ def plan_split(name, root, args, kind, records):
     when the data set shows the scenes the model was trained on (trained_on; or a folder of the same
     classes holding scene ids it was trained on: a copy of its data): only the split it held out, with
     its seed, is evaluated and checked against its training scenes; else 'transfer' (the test split,
-    an official one where the data set has it; --split all takes every image)."""
+    an official one where the data set has it; --split all takes every image). Returns (split, case,
+    probe): probe, with --linear-probe, the train and val splits of the same seed ({'train', 'val'})."""
     scenes = C.list_scenes(name, root)
-    if kind == "student" and scenes.modality != "ms":
-        raise C.UserError(f"a student reads Sentinel-2 bands, --data {name} is RGB; pass "
-                          + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
+    bands = tuple(records[-1]["record"].get("bands", C.S2_BANDS)) if kind == "student" else None
+    if kind == "student" and (scenes.modality != "ms" or scenes.pixels.student_bands != bands):
+        raise C.UserError(f"the student reads {'/'.join(bands[:2])}{'/...' if len(bands) > 2 else ''}, --data {name} "
+                          f"does not hold them; pass " + " or ".join(f"--data {n}" for n in C.MS_DATASETS
+                                                                    if C.DATA[n].pixels.student_bands == bands))
     ids, copied = {C.scene_id(f) for f in scenes.files}, {}
     for r in records:  # another folder of the same classes holding its training scenes' ids: a copy of its data
         if not C.trained_on(r["record"], scenes) and list(r["record"]["classes"]) == list(scenes.classes):
@@ -323,10 +398,15 @@ def plan_split(name, root, args, kind, records):
                           f"{' or '.join(other)}, or add images")
     for record in own:
         C.check_held_out(split, record["train_scenes"](), record["path"])
+    probe = {s: C.take_split(scenes, s, seed) for s in ("train", "val")} if args.linear_probe else None
+    for s, part in (probe or {}).items():
+        if not part.files:
+            raise C.UserError(f"--linear-probe trains on the train split of {name} and picks C on its val split; "
+                              f"the {s} split in {scenes.root} (seed {seed}) is empty: add images, or drop --linear-probe")
     case = {"clip_rgb": "transfer", **{r["encoder"]: "transfer" if r not in own else f"trained on ({copied[r['path']]} "
                                        f"of its {len(ids)} scenes have the ids of its training scenes: a copy of its "
                                        f"training data)" if copied.get(r["path"]) else "trained on" for r in records}}
-    return split, case
+    return split, case, probe
 
 
 def load_models(args, kind, device):
@@ -379,9 +459,10 @@ def default_out(args, kind, scenes, several):
 # ============================================================================ one evaluation
 
 
-def evaluate(scenes, case, dataset, work, models, args, kind, device):
+def evaluate(scenes, case, dataset, work, models, args, kind, device, probe=None):
     """One data set: embed its images once with each encoder, compute, print and write the metrics
-    into work/ (metrics.json); returns the line for the results log."""
+    into work/ (metrics.json); returns the line for the results log. probe: the train and val
+    datasets of --linear-probe ({'train', 'val'}), embedded once by each evaluated encoder."""
     run_args = argparse.Namespace(**{**vars(args), "data": [scenes.dataset], "root": scenes.root,
                                      "split_seed": scenes.seed, "out": work.removesuffix(".partial")})
     run_info = C.describe_run(run_args, device, STAGE)
@@ -412,9 +493,17 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
         metrics["modality_gap"] = {when: modality_gap(features[name], features["clip_rgb"])
                                    for when, name in (("after", "student_ms"), ("before", "student_init_ms"))
                                    if name in features}
+    if probe:  # fitted on train, C chosen on val, scored on the test split's embeddings above
+        fit = {s: C.embed(data, {n: encoders[n] for n in evaluated}, device, args.batch_size, args.workers)
+               for s, data in probe.items()}
+        metrics["linear_probe"] = {n: linear_probe(fit["train"][0][n], fit["train"][1], fit["val"][0][n], fit["val"][1],
+                                                   features[n], labels) for n in evaluated}
     metrics = clean(metrics)
     warnings = [w for w in [pairing_warning(metrics["modality_gap"]["after"])] if w] if "modality_gap" in metrics else []
     warnings += small_split_caveats(len(labels), "cross_modal" in metrics)
+    warnings += [f"the linear probe of {n} at the chosen C={lp['C']:g} stopped at L-BFGS's budget before converging "
+                 f"(separable train embeddings: more dimensions than images?); its score depends on where it stopped"
+                 for n, lp in metrics.get("linear_probe", {}).items() if not lp["converged"]]
 
     # ------------------------------------------------------------------ report
     zs, t2i = metrics["zeroshot"], metrics["text_to_image"]
@@ -429,6 +518,12 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
     print_table("text -> image retrieval (class prompts as queries)" + ("; its mAP is the zero-shot mAP above: "
                 "per class, the same scores rank the same images" if labels.ndim == 2 else ""), t2i_columns,
                 [(name, [t2i[name][m] for m in t2i_columns]) for name in evaluated])
+    if "linear_probe" in metrics:
+        lp = metrics["linear_probe"]
+        score = "acc1" if "acc1" in lp["clip_rgb"] else "mean_average_precision"
+        print_table(f"linear probe: logistic regression on {lp['clip_rgb']['n_train']} train images, C chosen on "
+                    f"{lp['clip_rgb']['n_val']} val images", [score, "C", "val_score"],
+                    [(n, [lp[n][score], f"{lp[n]['C']:g}", lp[n]["val_score"]]) for n in evaluated])
     if "cross_modal" in metrics:
         print_table("cross-modal retrieval of the same scenes", [f"recall@{k}" for k in RECALL_AT],
                     [(d, list(r.values())) for d, r in metrics["cross_modal"].items()])
@@ -463,7 +558,8 @@ def evaluate(scenes, case, dataset, work, models, args, kind, device):
     if args.save_embeddings:
         C.save_torch(os.path.join(work, "embeddings.pt"), {
             "features": features, "logits": logits, "labels": labels, "index": index,
-            "files": [scenes.files[i] for i in index.tolist()], "zeroshot_head": head, "logit_scale": logit_scale})
+            "files": [scenes.files[i] for i in index.tolist()], "zeroshot_head": head, "logit_scale": logit_scale,
+            **({"probe": {s: {"features": f, "labels": y} for s, (f, y, _) in fit.items()}} if probe else {})})
     return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **{k: v for k, v in setting.items() if k not in ("case", "classes")}, **flatten({"case": case}), **flatten(metrics)}
 
@@ -481,6 +577,8 @@ def clean(obj):
     """NaN -> None, so that metrics.json and the results log are strict JSON."""
     if isinstance(obj, dict):
         return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):  # e.g. the linear probe's val scores
+        return [clean(v) for v in obj]
     return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
@@ -504,7 +602,9 @@ def summary_rows(lines):
     reads. A column is one evaluation setting: data set, split, number of images, prompts, root and
     split seed (none for official splits); settings that differ get separate columns. A cell is top-1
     (mAP for multi-label data; the latest line wins) and its gain over the un-patched CLIP of the same
-    model and tag in the same column, as the paper reports its gains."""
+    model and tag in the same column, as the paper reports its gains. Lines of --linear-probe runs add
+    columns of their own, '<data> <split> linear probe' (the same key without prompts, which a probe
+    does not read, and with 'linear probe' last), after the zero-shot ones: the probe's test top-1 (mAP)."""
     cells, baselines, names = {}, {}, {}
     for line in lines:
         official = line["data"] in C.DATA and C.DATA[line["data"]].official_splits
@@ -513,6 +613,7 @@ def summary_rows(lines):
         base = (line["model"].removesuffix("-quickgelu"), line["pretrained"])
         ckpt, teacher = (line.get("ckpt_sha256") or line["ckpt"]), (line.get("teacher_sha256") or line["teacher"])
         named = lambda what, p: f"{what} {p if os.path.relpath(p).startswith('../..') else os.path.relpath(p)}"  # noqa
+        probe_column = (*column[:3], None, *column[4:], "linear probe")
         kind = line["ckpt_kind"]
         if kind == "baseline":
             rows = [("clip_rgb", ("baseline", *base, ckpt), line.get("name") or f"CLIP {base[0]} ({base[1]})")]
@@ -522,11 +623,12 @@ def summary_rows(lines):
         else:
             rows = [("clip_rgb", (kind, ckpt), named({"patched": "patched CLIP"}.get(kind, "fine-tuned CLIP"), line["ckpt"]))]
         for encoder, row, name in rows:
-            value = line.get(f"zeroshot/{encoder}/acc1", line.get(f"zeroshot/{encoder}/mean_average_precision"))
-            if value is not None:
-                cells[row, column], names[row] = (100 * value, base), name
-                if kind == "baseline":
-                    baselines[base, column] = 100 * value
+            for col, task in ((column, "zeroshot"), (probe_column, "linear_probe")):
+                value = line.get(f"{task}/{encoder}/acc1", line.get(f"{task}/{encoder}/mean_average_precision"))
+                if value is not None:
+                    cells[row, col], names[row] = (100 * value, base), name
+                    if kind == "baseline":
+                        baselines[base, col] = 100 * value
     table = {}
     for (row, column), (value, base) in cells.items():
         reference = baselines.get((base, column))
@@ -538,13 +640,15 @@ def summary_rows(lines):
 
 def summary_layout(table, names):
     """The rows and columns of summary_rows() as shown: (rows in order, their names, columns, their labels)."""
-    columns = sorted({c for cells in table.values() for c in cells}, key=lambda c: tuple(map(str, c)))
+    columns = sorted({c for cells in table.values() for c in cells},  # zero-shot columns first, then the probes'
+                     key=lambda c: (len(c), tuple(map(str, c))))
     labels = []
-    for data, split, n, prompts, root, seed in columns:
-        same = [c for c in columns if c[:2] == (data, split)]
+    for data, split, n, prompts, root, seed, *probe in columns:  # probe: ['linear probe'] or []
+        same = [c for c in columns if c[:2] == (data, split) and c[6:] == tuple(probe)]
         differ = lambda k: len({c[k] for c in same}) > 1  # noqa: E731
         shown = os.path.relpath(root) if root and not os.path.relpath(root).startswith("../..") else root
-        labels.append(f"{data} {split}, {n} images" + (f" (seed {seed})" if differ(5) else "")
+        labels.append(f"{data} {split}{' linear probe' if probe else ''}, {n} images"
+                      + (f" (seed {seed})" if differ(5) else "")
                       + (f" [prompts {(prompts or 'unknown')[:8]}]" if differ(3) else "")
                       + (f" [{shown or 'unknown root'}]" if differ(4) else ""))
     kinds = ["baseline", "patched", "finetuned", "student"]
@@ -589,7 +693,9 @@ def summary(path, fmt, plot=None):
     print(summary_table(table, names, fmt))
     if fmt == "md":
         print("\ntop-1 accuracy (mAP for multi-label data) in %; in brackets the gain over the un-patched CLIP of "
-              "the same model and tag in the same column")
+              "the same model and tag in the same column" + ("; 'linear probe' columns: a logistic-regression probe on "
+              "the frozen embeddings (03_eval.py --linear-probe), the others zero-shot"
+              if any(len(c) > 6 for cells in table.values() for c in cells) else ""))
     if plot:
         order, names, columns, labels = summary_layout(table, names)
         plot_summary(plot, names, labels, [[table[r].get(c, (None,))[0] for c in columns] for r in order])
@@ -691,7 +797,9 @@ def plot_summary(path, models, settings, values):
                       [math.nan if v is None else v for v in row], 0.8 / len(models), label=model)
         ax.bar_label(bars, ["" if v is None else f"{v:.1f}" for v in row], fontsize=7)
     ax.set_xticks(np.arange(len(settings)), settings, fontsize=8, rotation=15, ha="right")
-    ax.set(ylabel="zero-shot top-1 accuracy or mAP (%)", ylim=(0, 108), title="zero-shot classification")
+    probe = any("linear probe" in s for s in settings)
+    ax.set(ylabel="top-1 accuracy or mAP (%)", ylim=(0, 108),
+           title="zero-shot classification" + (" and linear probe" if probe else ""))
     figure.legend(loc="outside lower center", ncols=min(3, len(models)), fontsize=7)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     C.write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
@@ -730,18 +838,20 @@ def run(args):
     kind, record, clip_meta = read_checkpoint(args)
     records = trainings(args, kind, record, clip_meta)
     plans = [plan_split(name, root, args, kind, records) for name, root in data_specs(args, records)]
-    outs = [default_out(args, kind, scenes, len(plans) > 1) for scenes, _ in plans]
+    outs = [default_out(args, kind, scenes, len(plans) > 1) for scenes, _, _ in plans]
     for out in outs:  # all bad input is refused before any run folder is made, and before the slow part
         C.check_run(out, STAGE, overwrite=args.overwrite)
     C.check_writable(args.results, "--results")
-    datasets = [C.open_images(scenes, args.cache, args.workers, args.skip_bad_files) for scenes, _ in plans]
+    opened = lambda scenes: C.open_images(scenes, args.cache, args.workers, args.skip_bad_files)  # noqa: E731
+    datasets = [opened(scenes) for scenes, _, _ in plans]
+    probes = [{s: opened(part) for s, part in probe.items()} if probe else None for _, _, probe in plans]
     torch.manual_seed(0)  # only a baseline with --pretrained none draws random numbers (its weights)
     models = load_models(args, kind, device)
     done = []
-    for (scenes, case), dataset, out in zip(plans, datasets, outs):
+    for (scenes, case, _), dataset, probe, out in zip(plans, datasets, probes, outs):
         try:
             with C.run_folder(out, STAGE, overwrite=args.overwrite) as work:
-                append_jsonl(args.results, evaluate(scenes, case, dataset, work, models, args, kind, device))
+                append_jsonl(args.results, evaluate(scenes, case, dataset, work, models, args, kind, device, probe))
             done.append(scenes.dataset)
             print(f"\nwrote {out}/metrics.json; appended to {args.results}")
             if not args.no_plots:
@@ -749,7 +859,7 @@ def run(args):
             print()  # a blank line before the next data set
         except (C.UserError, KeyboardInterrupt) as e:  # e.g. an unreadable image: the finished data sets stay
             rest = plans[len(done):]
-            go_on = " ".join(f"{s.dataset}={s.root}" for s, _ in rest) + (
+            go_on = " ".join(f"{s.dataset}={s.root}" for s, _, _ in rest) + (
                 f" --out {outs[len(done)]}" if args.out and len(plans) > 1 and len(rest) == 1 else "")
             note = f"finished before it: {', '.join(done)}; go on with --data {go_on}" if rest else \
                 f"every data set finished ({', '.join(done)})"

@@ -238,7 +238,7 @@ def list_bigearthnet(dataset, root, download=False, n_classes=19, s1=False):
             splits.append(split_of[key])
             targets.append(target)
     if not files:
-        raise UserError(f"{folder} holds no {archive} patch folders of the official splits "
+        raise UserError(f"{folder} holds no {'BigEarthNet-S1' if s1 else 'BigEarthNet-S2'} v1.0 patch folders of the official splits "
                         f"({', '.join(f'{n} {r}' for r, n in left_out.items()) or 'no sub-folders'}); "
                         f"pass --root DIR holding {archive}/<patch>/<patch>_<band>.tif, ...")
     return dict(root=folder, classes=classes, classnames=[c.lower() for c in classes], files=files,

@@ -247,7 +247,8 @@ def test_a_baseline_from_a_weights_file_is_named_in_the_summary(patched_run, tmp
     path = tmp_path / "RemoteCLIP-tiny.pt"
     torch.manual_seed(5)
     torch.save(open_clip.create_model_and_transforms(TINY_CLIP)[0].state_dict(), path)
-    flags = ["--model", TINY_CLIP, "--pretrained", str(path), "--root", patched_run["root"], "--no-plots"]
+    flags = ["--model", TINY_CLIP, "--pretrained", str(path), "--data", "eurosat_ms", "--root", patched_run["root"],
+             "--no-plots"]
     metrics, (row,) = cli(tmp_path / "a", *flags)
     assert row["ckpt_kind"] == "baseline" and row["ckpt_sha256"] == C.sha256_of(str(path))
     assert row["name"] == f"RemoteCLIP-tiny ({TINY_CLIP})"
