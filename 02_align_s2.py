@@ -1,20 +1,22 @@
-"""Stage 2: align a 13-band Sentinel-2 encoder to the patched CLIP (Zavras et al. 2024, Sec. 3.2).
+"""Stage 2: align a Sentinel-2 encoder to the patched CLIP (Zavras et al. 2024, Sec. 3.2).
 
-    python 02_align_s2.py --teacher runs/patch --data eurosat_ms            # the official run: README
-    python 02_align_s2.py --teacher runs/patch --student-weights B13_vits16_dino_0099_ckpt.pth   # SSL4EO-S12 init
+    python 02_align_s2.py --teacher runs/patch --data eurosat_ms       # the official run: README
+    python 02_align_s2.py --teacher runs/patch \\
+        --student-weights B13_vits16_dino_0099_ckpt.pth                # SSL4EO-S12 init
     python 02_align_s2.py --teacher runs/smoke/patch --data eurosat_ms \\
-        --root ../shared/data/eurosat_ms_sample --input-size 64 --epochs 1 --out runs/smoke/align  # CPU smoke run
+        --root ../shared/data/eurosat_ms_sample --input-size 64 --epochs 1 \\
+        --out runs/smoke/align                                         # CPU smoke run
 
 The teacher, stage 1's patched CLIP image tower, frozen, sees the RGB composite of each scene
-through CLIP's preprocessing; the student, a ViT-S/16 with a 13-band patch embedding and a linear
-projection, sees all 13 bands as reflectance. Loss (alignment_loss):
+through CLIP's preprocessing; the student, a ViT-S/16 with a 13-band patch embedding and a
+linear projection, sees all 13 bands as reflectance. Loss (alignment_loss):
     L = mu * MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y)
-s, t: the student's and teacher's embeddings of the same scene; W: the frozen zero-shot head (the
-teacher's text tower on this data set's prompts); mu = --mse-weight (1), lambda = --ce-weight
-(0.05); BCE for multi-label targets. No text is needed and CLIP is not changed.
-Writes OUT/: args.json, log.jsonl, metrics.json, student_init.pt (the untrained student, for stage
-3's gap "before"), student.pt (weights, architecture, teacher, data, prompts, training scenes) and
-training.png.
+s, t: the student's and teacher's embeddings of the same scene; W: the frozen zero-shot head
+(the teacher's text tower on this data set's prompts); mu = --mse-weight (1), lambda =
+--ce-weight (0.05); BCE for multi-label targets. No text is needed and CLIP is not changed.
+Writes OUT/: args.json, log.jsonl, metrics.json, student_init.pt (the untrained student, for
+stage 3's gap "before"), student.pt (weights, architecture, teacher, data, prompts, training
+scenes) and training.png.
 """
 import argparse
 import math
@@ -27,60 +29,61 @@ import common as C
 
 STAGE = "02_align_s2.py"
 # Band order of the SSL4EO-S12 L1C pretraining data (B8A right after B08).
-SSL4EO_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+SSL4EO_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10",
+                "B11", "B12")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--teacher", default="runs/patch", help="stage 1's run folder, the patched CLIP (default: runs/patch)")
-    add("--data", default="eurosat_ms", help="Sentinel-2 data set: eurosat_ms, bigearthnet19/43/5 (default: eurosat_ms)")
+    add("--teacher", default="runs/patch", help="stage 1's run folder, the patched CLIP "
+        "(default: runs/patch)")
+    add("--data", default="eurosat_ms", help="Sentinel-2 data set: eurosat_ms, "
+        "bigearthnet19/43/5, ... (default: eurosat_ms)")
     add("--root", help="its folder (default: data/<name>, see README)")
-    add("--prompts", help="JSON file of class names and/or templates for the text head (default: the teacher's on "
-        "the data it was patched on, else the data set's own; docs/evaluation.md)")
-    add("--student", default="vit_small_patch16_224", help="timm architecture (default: vit_small_patch16_224)")
-    add("--input-size", type=int, help="student input side in pixels (default: the timm model's, 224)")
-    add("--drop-path", type=float, default=0.2, help="the student's stochastic depth rate (default: 0.2)")
+    add("--prompts", help="JSON file of class names and/or templates for the text head "
+        "(default: the teacher's on its own data, else the data set's; docs/evaluation.md)")
+    add("--student", default="vit_small_patch16_224", help="timm architecture "
+        "(default: vit_small_patch16_224)")
+    add("--input-size", type=int, help="student input side in pixels (default: the timm "
+        "model's, 224)")
+    add("--drop-path", type=float, default=0.2, help="the student's stochastic depth rate "
+        "(default: 0.2)")
     add("--student-weights", help="SSL4EO-S12-style backbone checkpoint (default: random init)")
-    add("--student-weights-bands", default="ssl4eo", choices=("ssl4eo", "eurosat"), help="band order of its patch "
-        "embedding: SSL4EO-S12's (B8A after B08) or EuroSAT's (B8A last) (default: ssl4eo)")
-    add("--mse-weight", type=float, default=1.0, help="mu, weight of the MSE to the teacher (default: 1; 0: the "
-        "paper's CE-only ablation)")
-    add("--ce-weight", type=float, default=0.05, help="lambda, weight of the text-head loss (default: 0.05; 0: the "
-        "paper's MSE-only ablation)")
+    add("--student-weights-bands", default="ssl4eo", choices=("ssl4eo", "eurosat"),
+        help="band order of its patch embedding: SSL4EO-S12's (B8A after B08) or EuroSAT's "
+        "(B8A last) (default: ssl4eo)")
+    add("--mse-weight", type=float, default=1.0, help="mu, weight of the MSE to the teacher "
+        "(default: 1; 0: the paper's CE-only ablation)")
+    add("--ce-weight", type=float, default=0.05, help="lambda, weight of the text-head loss "
+        "(default: 0.05; 0: the paper's MSE-only ablation)")
     add("--epochs", type=int, default=5, help="training epochs (default: 5)")
     add("--max-steps", type=int, help="stop after this many steps (default: no limit)")
     add("--batch-size", type=int, default=256, help="images per step (default: 256)")
     add("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default: 1e-4)")
     add("--wd", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    add("--warmup", type=int, help="linear warm-up steps (default: 2000, at most a tenth of the run)")
-    add("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="shuffle the training scenes each "
-        "epoch (default: shuffle; the official run did not)")
+    add("--warmup", type=int, help="linear warm-up steps (default: 2000, at most a tenth of the "
+        "run)")
+    add("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="shuffle the "
+        "training scenes each epoch (default: shuffle; the official run did not)")
     add("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
-    add("--seed", type=int, default=0, help="seed of the student's init and the data order (default: 0)")
-    add("--device", help="torch device (default: cuda if available, else cpu)")
-    add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes (default: cores, up to 8)")
-    add("--cache", help="folder for packed splits and the teacher's embeddings (default: none)")
-    add("--out", default="runs/align", help="run folder (default: runs/align)")
-    add("--resume", action="store_true", help="continue the unfinished run of --out from its last epoch")
-    add("--overwrite", action="store_true", help="replace the run in --out once this one has finished")
-    add("--skip-bad-files", action="store_true", help="skip unreadable tifs, count them")
-    add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    add("--no-plots", action="store_true", help="do not draw training.png (default: draw it with matplotlib)")
-    add("--redraw", metavar="OUT", help="only draw training.png of a finished run folder again")
+    C.add_run_flags(p, "runs/align")
     return p.parse_args(argv)
 
 
 # ============================================================================ the method
 
 
-def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weight, mse_weight=1.0):
-    """The paper's objective, L = mu * MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y), mu = 1.
+def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weight,
+                   mse_weight=1.0):
+    """The paper's objective, L = mu * MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y).
 
-    s, t: (B, D) student and teacher embeddings (unnormalised, as CLIP's image tower outputs);
-    W: the frozen zero-shot head; labels: (B,) class ids, or (B, C) 0/1 targets for multi-label
-    data, which use binary cross-entropy with logits. mu = --mse-weight and lambda = --ce-weight
-    give the paper's loss ablation (MSE only: lambda 0; CE only: mu 0). Returns (L, MSE, CE)."""
+    s, t: (B, D) student and teacher embeddings (unnormalised, as CLIP's image tower gives them);
+    W: the frozen zero-shot head; tau = logit_scale, on the log scale as open_clip stores it;
+    labels: (B,) class ids, or (B, C) 0/1 targets (binary cross-entropy). mu = --mse-weight,
+    lambda = --ce-weight (the paper's ablation: MSE only, lambda 0; CE only, mu 0).
+    Returns (L, MSE, CE)."""
     mse = F.mse_loss(student_emb.float(), teacher_emb.float())
     logits = C.zeroshot_logits(student_emb, head, logit_scale)
     if labels.ndim == 2:
@@ -90,143 +93,67 @@ def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weigh
     return mse_weight * mse + ce_weight * ce, mse, ce
 
 
-def train_one_epoch(student, dataset, teacher_emb, head, logit_scale, optimizer, scheduler, epoch, step, total_steps,
-                    args, device):
-    """One epoch of alignment (stopping at step `total_steps`): the student learns the teacher's
-    embeddings of the same scenes, through alignment_loss. Returns the step reached and the epoch's
-    mean losses {train_loss, train_mse, train_ce}."""
+def train_one_epoch(student, batches, head, logit_scale, optimizer, scheduler, step, args,
+                    device):
+    """One epoch of alignment from step `step` on: the student learns the teacher's embeddings
+    of the same scenes through alignment_loss. batches: (the student's input bands, the
+    teacher's embeddings, labels) on the device. Returns each step's (L, MSE, CE)."""
     student.train()
-    sums, batches = {"loss": 0.0, "mse": 0.0, "ce": 0.0}, 0
-    for batch in C.batch_loader(dataset, args.batch_size, train=True, shuffle=args.shuffle, seed=args.seed, epoch=epoch,
-                                workers=args.workers, desc=f"epoch {epoch}"):
-        images = C.ms_input(batch["images"], student.input_size, device, pixels=dataset.scenes.pixels)
-        targets = teacher_emb[batch["index"]].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
+    losses = []
+    for images, targets, labels in batches:
         with C.autocast(device):
             loss, mse, ce = alignment_loss(student(images), targets, head, logit_scale, labels,
                                            args.ce_weight, args.mse_weight)
-        C.check_finite(loss, step)
+        C.check_finite(loss, step + len(losses))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         optimizer.step()
         scheduler.step()
+        losses.append((loss.item(), mse.item(), ce.item()))
+    return losses
+
+
+# ============================================================================ the batches
+
+
+def alignment_batches(dataset, teacher_emb, input_size, epoch, step, total_steps, args, device):
+    """The batches of one epoch as train_one_epoch takes them, up to step `total_steps`: the
+    student's input, the teacher's embeddings of the same scenes, and the labels."""
+    for batch in C.batch_loader(dataset, args.batch_size, train=True, shuffle=args.shuffle,
+                                seed=args.seed, epoch=epoch, workers=args.workers,
+                                desc=f"epoch {epoch}"):
+        yield (C.ms_input(batch["images"], input_size, device, pixels=dataset.scenes.pixels),
+               teacher_emb[batch["index"]].to(device, non_blocking=True),
+               batch["labels"].to(device, non_blocking=True))
         step += 1
-        for name, value in (("loss", loss), ("mse", mse), ("ce", ce)):
-            sums[name] += value.item()
-        batches += 1
         if step == total_steps:
-            break
-    return step, {f"train_{name}": value / max(1, batches) for name, value in sums.items()}
+            return
 
 
 @torch.no_grad()
 def teacher_embeddings(teacher, meta, dataset, device, args):
-    """The teacher's embedding of the RGB composite of every image of a split, in dataset order
-    (the teacher is frozen and sees no augmentation: computed once). With --cache it is kept in a
-    file keyed on the teacher's weights, the split's files and the preprocessing; a split with a
-    skipped file is not kept, so a repaired file is embedded next time."""
-    key = C.sha256_of({"teacher_sha256": meta["weights_sha256"], "scenes": C.scenes_key(dataset.scenes),
+    """The teacher's embedding of the RGB composite of every image of a split, in dataset order,
+    computed once (the teacher is frozen and sees no augmentation). With --cache it is kept in a
+    file keyed on the teacher's weights, the split's files and the preprocessing; never for a
+    split with a skipped file, so a repaired file is embedded next time."""
+    key = C.sha256_of({"teacher_sha256": meta["weights_sha256"],
+                       "scenes": C.scenes_key(dataset.scenes),
                        "preprocess_cfg": teacher.visual.preprocess_cfg})
     path = os.path.join(args.cache, f"teacher-{key[:16]}.pt") if args.cache else None
     if path and os.path.isfile(path):
         return C.load_torch(path, "teacher cache", f"delete {path}")["embeddings"]
     encoders = {"teacher": C.clip_encoder(teacher, dataset.scenes.pixels, device)}
     features, _, index = C.embed(dataset, encoders, device, args.batch_size, args.workers)
-    embeddings = torch.full((len(dataset), features["teacher"].shape[1]), float("nan"))  # skipped files: never read
-    embeddings[index] = features["teacher"]
+    embeddings = torch.full((len(dataset), features["teacher"].shape[1]), float("nan"))
+    embeddings[index] = features["teacher"]  # a skipped file's row stays NaN: never read
     if path and not dataset.skipped:
         os.makedirs(args.cache, exist_ok=True)
         C.save_torch(path, {"key": key, "embeddings": embeddings})
     return embeddings
 
 
-def load_backbone_weights(student, path, bands):
-    """An SSL4EO-S12-style checkpoint into the student's backbone: a state dict (or under 'model' /
-    'state_dict' / 'teacher'), prefixes ('module.', 'backbone.', ...) stripped, the patch embedding's
-    bands reordered from `bands` to S2_BANDS, the position embedding resampled to the grid. Stops on a
-    shape mismatch, under 90% of the tensors, or two tensors for one (MoCo: the base encoder loads)."""
-    ckpt = C.load_torch(path, "student weights", "pass an SSL4EO-S12-style checkpoint with --student-weights")
-    for key in ("model", "state_dict", "teacher"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    target = student.backbone.state_dict()
-    loaded, source, unexpected = {}, {}, []
-    momentum = {k for k in ckpt if "momentum_encoder." in k}  # MoCo keeps two encoders: use the base one,
-    for key in ckpt:                                           # the one SSL4EO-S12 and MoCo v3 evaluate
-        if key in momentum:
-            continue
-        name = key
-        while name not in target and "." in name:  # strip 'module.', 'backbone.', 'base_encoder.', ...
-            name = name.split(".", 1)[1]
-        if name not in target:
-            unexpected.append(key)
-        elif name in loaded:
-            raise C.UserError(f"--student-weights {path}: both {source[name]} and {key} would load into {name}; "
-                              f"pass a checkpoint with one encoder (or a plain state dict of it)")
-        else:
-            loaded[name], source[name] = ckpt[key], key
-    if momentum:
-        print(f"skipped the {len(momentum)} tensors of the MoCo momentum encoder; loading the base encoder")
-    proj = "patch_embed.proj.weight"
-    if proj in loaded and bands == "ssl4eo" and loaded[proj].shape[1] == len(C.S2_BANDS):
-        loaded[proj] = loaded[proj][:, [SSL4EO_BANDS.index(b) for b in C.S2_BANDS]]
-    if "pos_embed" in loaded and loaded["pos_embed"].shape != target["pos_embed"].shape:
-        from timm.layers import resample_abs_pos_embed
-        grid = student.backbone.patch_embed.grid_size
-        loaded["pos_embed"] = resample_abs_pos_embed(loaded["pos_embed"], list(grid),
-                                                     num_prefix_tokens=student.backbone.num_prefix_tokens)
-        print(f"resampled the position embedding to a {grid[0]}x{grid[1]} grid")
-    for name, value in loaded.items():
-        if value.shape != target[name].shape:
-            bands = student.backbone.patch_embed.proj.in_channels
-            raise C.UserError(f"--student-weights {path}: {name} has shape {tuple(value.shape)}, the {bands}-band "
-                              f"{type(student.backbone).__name__} needs {tuple(target[name].shape)}; pass a {bands}-band "
-                              f"checkpoint of this architecture (--student)")
-    missing = [k for k in target if k not in loaded]
-    few = lambda keys: ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") or "none"  # noqa
-    print(f"loaded {len(loaded)}/{len(target)} backbone tensors from {path}")
-    print(f"  missing: {few(missing)}\n  unexpected: {few(unexpected)}")
-    if len(loaded) < 0.9 * len(target):
-        raise C.UserError(f"--student-weights {path} holds only {len(loaded)} of the {len(target)} tensors of the "
-                          f"backbone; pass a checkpoint of the architecture named by --student")
-    student.backbone.load_state_dict(loaded, strict=False)
-
-
-def student_record(student, arch, meta, teacher, scenes):
-    """student.pt: what stage 3 needs to rebuild a student, find its teacher and know its scenes and
-    prompts; plain values and a state dict (weights_only-safe; stage 3's load_student reads it)."""
-    bands = scenes.pixels.student_bands  # the 13 Sentinel-2 bands, or a Sentinel-1 student's polarisations
-    return {"kind": "rsclip-align/student", "arch": arch, "bands": list(bands), "in_chans": len(bands),
-            "input_size": student.input_size, "embed_dim": student.proj.out_features,
-            "normalisation": {"db_mean_std": scenes.pixels.sar} if scenes.pixels.sar else
-            {"reflectance_scale": C.REFLECTANCE_SCALE, "clip": [0.0, 1.0]},
-            "teacher": {"path": os.path.abspath(teacher), "model": meta["model"], "weights_sha256": meta["weights_sha256"]},
-            "dataset": scenes.dataset, "root": os.path.abspath(scenes.root), "scenes": C.scene_set(scenes.dataset, scenes.root),
-            "split_seed": scenes.seed, "classes": scenes.classes, "classnames": list(scenes.classnames),
-            "templates": list(scenes.templates), "train_scenes": sorted(map(C.scene_id, scenes.files)),
-            "state_dict": student.state_dict()}
-
-
-def plot_training(folder):
-    """training.png from metrics.json 'epochs': the MSE to the teacher (train: the epoch's mean; val:
-    after the epoch), the text-head loss, and the student's zero-shot validation metric."""
-    rows = C.read_json(os.path.join(folder, "metrics.json"))["epochs"]
-    epochs, metric = [r["epoch"] for r in rows], "map" if rows and "val_map" in rows[0] else "acc"
-    figure, (mse, ce, score) = C.new_figure(9, 3, ncols=3)
-    mse.plot(epochs, [r["train_mse"] for r in rows], "o-", label="train")
-    mse.plot(epochs, [r["val_mse"] for r in rows], "s--", label="validation")
-    mse.set(xlabel="epoch", ylabel="MSE to the teacher's embedding", title="alignment loss")
-    mse.legend(fontsize=8)
-    ce.plot(epochs, [r["train_ce"] for r in rows], "o-")
-    ce.set(xlabel="epoch", ylabel="binary cross-entropy" if metric == "map" else "cross-entropy", title="text-head loss")
-    score.plot(epochs, [100 * r[f"val_{metric}"] for r in rows], "s--", color="tab:orange")
-    score.set(xlabel="epoch", ylabel="mAP (%)" if metric == "map" else "top-1 accuracy (%)", title="zero-shot (val)")
-    return figure
-
-
-# ============================================================================ main
+# ============================================================================ the run
 
 
 def main(argv=None):
@@ -238,7 +165,8 @@ def run(args):
         return C.redraw(args.redraw, STAGE, {"training.png": plot_training}, args.debug)
     device = C.pick_device(args.device)
     if args.max_steps is not None and args.max_steps < 1:
-        raise C.UserError(f"--max-steps {args.max_steps} would save an untrained student; pass 1 or more")
+        raise C.UserError(f"--max-steps {args.max_steps} would save an untrained student; pass 1 "
+                          f"or more")
     C.check_run(args.out, STAGE, args.resume, args.overwrite)
 
     # ------------------------------------------------------------------ teacher
@@ -246,86 +174,198 @@ def run(args):
     teacher.requires_grad_(False)
     logit_scale = teacher.logit_scale.detach()
 
-    # ------------------------------------------------------------------ data, with the teacher's split seed: on the
-    # scenes the teacher was patched on, it keeps them out of the student's val and stage 3's test split
+    # ------------------------------------------------------------------ data, with the teacher's
+    # split seed: on the scenes it was patched on, they stay out of the student's val and test
     train = C.load_split(args.data, args.root, "train", meta["split_seed"])
     if train.modality != "ms":
         raise C.UserError(f"the student reads Sentinel-2 bands, --data {args.data} is RGB; pass "
                           + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
     val = C.load_split(args.data, train.root, "val", meta["split_seed"])
-    teacher_scenes = C.read_scenes(os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),
-                                   meta["train_scenes_sha256"])  # the teacher chose alpha on val: it never trained on it
+    teacher_scenes = C.read_scenes(  # the teacher chose alpha on val: it never trained on it
+        os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),
+        meta["train_scenes_sha256"])
     C.check_held_out(val, teacher_scenes, f"--teacher {args.teacher}")
-    # the CE term's prompts: the teacher's own on the scenes it was patched on, else the data set's (or --prompts)
+    # the CE term's prompts: the teacher's on the scenes it was patched on, else the data set's
     train = C.head_prompts(train, [meta] if C.trained_on(meta, train) else [], args.prompts)
-    # the frozen text head W of the CE term: the teacher's text tower on this data set's prompts
+    # the frozen text head W of the CE term: the teacher's text tower on these prompts
     head = C.zeroshot_head(teacher, tokenizer, train.classnames, train.templates, device)
     train_ds = C.open_images(train, args.cache, args.workers, args.skip_bad_files)
     val_ds = C.open_images(val, args.cache, args.workers, args.skip_bad_files)
-    print(f"{args.data}: {len(train_ds)} train / {len(val_ds)} val scenes of {len(train.classes)} classes from "
-          f"{train.root} (split seed {meta['split_seed']}, from the teacher)" + C.left_out_note(train))
+    print(f"{args.data}: {len(train_ds)} train / {len(val_ds)} val scenes of "
+          f"{len(train.classes)} classes from {train.root} (split seed {meta['split_seed']}, "
+          f"from the teacher)" + C.left_out_note(train))
 
     # ------------------------------------------------------------------ student, optimizer
     torch.manual_seed(args.seed)
-    student = C.Student(args.student, teacher.visual.output_dim, args.input_size,  # to CLIP's embedding size
+    dim = teacher.visual.output_dim  # CLIP's embedding size
+    student = C.Student(args.student, dim, args.input_size,
                         in_chans=len(train.pixels.student_bands), drop_path_rate=args.drop_path)
     if args.student_weights:
         load_backbone_weights(student, args.student_weights, args.student_weights_bands)
     student.to(device)
-    print(f"student {args.student}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
-          f"{student.input_size}px input, projection to {teacher.visual.output_dim}-d")
-    batches_per_epoch = C.training_batches(len(train_ds), args.batch_size)
-    total_steps = min(args.epochs * batches_per_epoch, args.max_steps if args.max_steps is not None else math.inf)
-    warmup_steps = min(args.warmup, total_steps) if args.warmup is not None else min(2000, total_steps // 10)
+    print(f"student {args.student}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
+          f"parameters, {student.input_size}px input, projection to {dim}-d")
+    per_epoch, total_steps, warmup_steps = C.training_steps(len(train_ds), args, 2000)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.wd)
     scheduler = C.cosine_schedule(optimizer, total_steps, warmup_steps)
-    identity = C.run_identity(args, train_files_sha256=C.sha256_of(train.files), teacher_sha256=meta["weights_sha256"])
+    identity = C.run_identity(args, train_files_sha256=C.sha256_of(train.files),
+                              teacher_sha256=meta["weights_sha256"])
+    states = dict(student=student, optimizer=optimizer, scheduler=scheduler)
 
-    # the targets, before a resume restores the random state (embedding draws from torch's generator)
+    # the targets, before a resume restores the random state (embedding draws from torch's RNG)
     train_targets = teacher_embeddings(teacher, meta, train_ds, device, args)
     val_targets = teacher_embeddings(teacher, meta, val_ds, device, args)
 
     with C.run_folder(args.out, STAGE, args.resume, args.overwrite) as work:
         start_epoch, step, history = 0, 0, []
-        if args.resume:  # checked before anything is written: a refused resume leaves the stopped run as it was
-            start_epoch, step, history = C.load_checkpoint(work, identity, student=student, optimizer=optimizer,
-                                                           scheduler=scheduler)
-            print(f"resumed {work}/last.pt after epoch {start_epoch - 1} (step {step} of {total_steps})")
+        if args.resume:  # checked before anything is written
+            start_epoch, step, history = C.load_checkpoint(work, identity, **states)
+            print(f"resumed {work}/last.pt after epoch {start_epoch - 1} (step {step} of "
+                  f"{total_steps})")
         else:
-            C.save_torch(os.path.join(work, "student_init.pt"), student_record(student, args.student, meta,
-                                                                              args.teacher, train))
+            C.save_torch(os.path.join(work, "student_init.pt"),
+                         student_record(student, args.student, meta, args.teacher, train))
         C.write_json(os.path.join(work, "args.json"), C.describe_run(args, device, STAGE))
 
         # -------------------------------------------------------------- training
-        print(f"training {total_steps} steps ({batches_per_epoch} per epoch, warm-up {warmup_steps})")
-        for epoch in range(start_epoch, math.ceil(total_steps / max(1, batches_per_epoch))):
-            step, train_losses = train_one_epoch(student, train_ds, train_targets, head, logit_scale, optimizer,
-                                                 scheduler, epoch, step, total_steps, args, device)
-            # validation: the MSE to the teacher and the student's zero-shot score through the text head
+        print(f"training {total_steps} steps ({per_epoch} per epoch, warm-up {warmup_steps})")
+        for epoch in range(start_epoch, math.ceil(total_steps / max(1, per_epoch))):
+            batches = alignment_batches(train_ds, train_targets, student.input_size, epoch, step,
+                                        total_steps, args, device)
+            losses = train_one_epoch(student, batches, head, logit_scale, optimizer, scheduler,
+                                     step, args, device)
+            step += len(losses)
+            means = {f"train_{name}": sum(l[k] for l in losses) / max(1, len(losses))
+                     for k, name in enumerate(("loss", "mse", "ce"))}
+            # validation: the MSE to the teacher and the student's zero-shot score
             student.eval()
-            features, labels, index = C.embed(val_ds, {"student": C.student_encoder(student, val.pixels, device)},
-                                              device, args.batch_size, args.workers)
+            encoder = {"student": C.student_encoder(student, val.pixels, device)}
+            features, labels, index = C.embed(val_ds, encoder, device, args.batch_size,
+                                              args.workers)
             metric, score = C.zeroshot_score(features["student"], labels, head, logit_scale)
-            history.append({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], **train_losses,
-                            "val_mse": F.mse_loss(features["student"], val_targets[index]).item(),
-                            f"val_{metric}": score})
-            print(f"epoch {epoch}: train mse {history[-1]['train_mse']:.4f} ce {history[-1]['train_ce']:.4f} | "
+            history.append({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+                            **means, f"val_{metric}": score,
+                            "val_mse": F.mse_loss(features["student"], val_targets[index]).item()})
+            print(f"epoch {epoch}: train mse {means['train_mse']:.4f} ce {means['train_ce']:.4f} | "
                   f"val mse {history[-1]['val_mse']:.4f} zero-shot {metric} {score:.4f}")
-            C.save_checkpoint(work, identity, epoch, step, history, student=student, optimizer=optimizer,
-                              scheduler=scheduler)
+            C.save_checkpoint(work, identity, epoch, step, history, **states)
 
         # -------------------------------------------------------------- save
-        C.save_torch(os.path.join(work, "student.pt"), student_record(student, args.student, meta, args.teacher, train))
+        C.save_torch(os.path.join(work, "student.pt"),
+                     student_record(student, args.student, meta, args.teacher, train))
         skipped = {**train_ds.skipped, **val_ds.skipped}
         C.write_json(os.path.join(work, "metrics.json"), {
-            "epochs": history, "steps": step, "teacher": args.teacher, "teacher_sha256": meta["weights_sha256"],
-            "skipped_files": skipped})
+            "epochs": history, "steps": step, "teacher": args.teacher,
+            "teacher_sha256": meta["weights_sha256"], "skipped_files": skipped})
     if skipped:
         print(f"skipped {len(skipped)} unreadable files (listed in metrics.json)")
     print(f"wrote {args.out}/student.pt")
     if not args.no_plots:
         C.draw_pictures(args.out, {"training.png": plot_training}, args.debug)
     return {"student": student, "teacher": teacher, "head": head, "metrics": history}
+
+
+# ============================================================================ plumbing
+
+
+def load_backbone_weights(student, path, bands):
+    """An SSL4EO-S12-style checkpoint into the student's backbone: a state dict (or under 'model'
+    / 'state_dict' / 'teacher'), prefixes ('module.', 'backbone.', ...) stripped, the patch
+    embedding's bands reordered from `bands` to S2_BANDS, the position embedding resampled to the
+    grid. Stops on a shape mismatch, under 90% of the tensors, or two tensors for one (MoCo: the
+    base encoder loads, the one SSL4EO-S12 and MoCo v3 evaluate)."""
+    ckpt = C.load_torch(path, "student weights",
+                        "pass an SSL4EO-S12-style checkpoint with --student-weights")
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    target = student.backbone.state_dict()
+    loaded, source, unexpected = {}, {}, []
+    momentum = {k for k in ckpt if "momentum_encoder." in k}  # MoCo's second encoder
+    for key in ckpt:
+        if key in momentum:
+            continue
+        name = key
+        while name not in target and "." in name:  # strip 'module.', 'backbone.', ...
+            name = name.split(".", 1)[1]
+        if name not in target:
+            unexpected.append(key)
+        elif name in loaded:
+            raise C.UserError(f"--student-weights {path}: both {source[name]} and {key} would load "
+                              f"into {name}; pass a checkpoint with one encoder (or a plain state "
+                              f"dict of it)")
+        else:
+            loaded[name], source[name] = ckpt[key], key
+    if momentum:
+        print(f"skipped the {len(momentum)} tensors of the MoCo momentum encoder; loading the "
+              f"base encoder")
+    proj = "patch_embed.proj.weight"
+    if proj in loaded and bands == "ssl4eo" and loaded[proj].shape[1] == len(C.S2_BANDS):
+        loaded[proj] = loaded[proj][:, [SSL4EO_BANDS.index(b) for b in C.S2_BANDS]]
+    if "pos_embed" in loaded and loaded["pos_embed"].shape != target["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+        grid = student.backbone.patch_embed.grid_size
+        loaded["pos_embed"] = resample_abs_pos_embed(
+            loaded["pos_embed"], list(grid), num_prefix_tokens=student.backbone.num_prefix_tokens)
+        print(f"resampled the position embedding to a {grid[0]}x{grid[1]} grid")
+    for name, value in loaded.items():
+        if value.shape != target[name].shape:
+            n = student.backbone.patch_embed.proj.in_channels
+            raise C.UserError(f"--student-weights {path}: {name} has shape {tuple(value.shape)}, "
+                              f"the {n}-band {type(student.backbone).__name__} needs "
+                              f"{tuple(target[name].shape)}; pass a {n}-band checkpoint of this "
+                              f"architecture (--student)")
+    missing = [k for k in target if k not in loaded]
+
+    def few(keys):
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") \
+            or "none"
+    print(f"loaded {len(loaded)}/{len(target)} backbone tensors from {path}")
+    print(f"  missing: {few(missing)}\n  unexpected: {few(unexpected)}")
+    if len(loaded) < 0.9 * len(target):
+        raise C.UserError(f"--student-weights {path} holds only {len(loaded)} of the "
+                          f"{len(target)} tensors of the backbone; pass a checkpoint of the "
+                          f"architecture named by --student")
+    student.backbone.load_state_dict(loaded, strict=False)
+
+
+def student_record(student, arch, meta, teacher, scenes):
+    """student.pt: what stage 3 needs to rebuild a student, find its teacher and know its scenes
+    and prompts; plain values and a state dict (weights_only-safe)."""
+    bands = scenes.pixels.student_bands  # the 13 S2 bands, or a Sentinel-1 student's VV, VH
+    normalisation = {"db_mean_std": scenes.pixels.sar} if scenes.pixels.sar else \
+        {"reflectance_scale": C.REFLECTANCE_SCALE, "clip": [0.0, 1.0]}
+    return {"kind": "rsclip-align/student", "arch": arch, "bands": list(bands),
+            "in_chans": len(bands), "input_size": student.input_size,
+            "embed_dim": student.proj.out_features, "normalisation": normalisation,
+            "teacher": {"path": os.path.abspath(teacher), "model": meta["model"],
+                        "weights_sha256": meta["weights_sha256"]},
+            "dataset": scenes.dataset, "root": os.path.abspath(scenes.root),
+            "scenes": C.scene_set(scenes.dataset, scenes.root), "split_seed": scenes.seed,
+            "classes": scenes.classes, "classnames": list(scenes.classnames),
+            "templates": list(scenes.templates),
+            "train_scenes": sorted(map(C.scene_id, scenes.files)),
+            "state_dict": student.state_dict()}
+
+
+def plot_training(folder):
+    """training.png from metrics.json 'epochs': the MSE to the teacher (train: the epoch's mean;
+    val: after the epoch), the text-head loss, and the student's zero-shot validation metric."""
+    rows = C.read_json(os.path.join(folder, "metrics.json"))["epochs"]
+    epochs, metric = [r["epoch"] for r in rows], "map" if rows and "val_map" in rows[0] else "acc"
+    figure, (mse, ce, score) = C.new_figure(9, 3, ncols=3)
+    mse.plot(epochs, [r["train_mse"] for r in rows], "o-", label="train")
+    mse.plot(epochs, [r["val_mse"] for r in rows], "s--", label="validation")
+    mse.set(xlabel="epoch", ylabel="MSE to the teacher's embedding", title="alignment loss")
+    mse.legend(fontsize=8)
+    ce.plot(epochs, [r["train_ce"] for r in rows], "o-")
+    ce.set(xlabel="epoch", title="text-head loss",
+           ylabel="binary cross-entropy" if metric == "map" else "cross-entropy")
+    score.plot(epochs, [100 * r[f"val_{metric}"] for r in rows], "s--", color="tab:orange")
+    score.set(xlabel="epoch", title="zero-shot (val)",
+              ylabel="mAP (%)" if metric == "map" else "top-1 accuracy (%)")
+    return figure
 
 
 if __name__ == "__main__":
