@@ -216,11 +216,8 @@ def run(args):
     states = dict(visual=model.visual, optimizer=optimizer, scheduler=scheduler)
 
     with C.run_folder(args.out, STAGE, args.resume, args.overwrite) as work:
-        start_epoch, step, history = 0, 0, []
-        if args.resume:  # checked before anything is written
-            start_epoch, step, history = C.load_checkpoint(work, identity, **states)
-            print(f"resumed {work}/last.pt after epoch {start_epoch - 1} (step {step} of "
-                  f"{total_steps})")
+        start_epoch, step, history = C.restart_from_checkpoint(work, identity, args.resume,
+                                                               **states)
         C.write_json(os.path.join(work, "args.json"), C.describe_run(args, device, STAGE))
 
         # -------------------------------------------------------------- fine-tuning

@@ -217,12 +217,9 @@ def run(args):
     val_targets = teacher_embeddings(teacher, meta, val_ds, device, args)
 
     with C.run_folder(args.out, STAGE, args.resume, args.overwrite) as work:
-        start_epoch, step, history = 0, 0, []
-        if args.resume:  # checked before anything is written
-            start_epoch, step, history = C.load_checkpoint(work, identity, **states)
-            print(f"resumed {work}/last.pt after epoch {start_epoch - 1} (step {step} of "
-                  f"{total_steps})")
-        else:
+        start_epoch, step, history = C.restart_from_checkpoint(work, identity, args.resume,
+                                                               **states)
+        if not args.resume:
             C.save_torch(os.path.join(work, "student_init.pt"),
                          student_record(student, args.student, meta, args.teacher, train))
         C.write_json(os.path.join(work, "args.json"), C.describe_run(args, device, STAGE))

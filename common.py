@@ -1412,9 +1412,11 @@ def save_checkpoint(work, identity, epoch, step, history, **states):
         f.writelines(json.dumps(tidy(row), sort_keys=True) + "\n" for row in history)
 
 
-def load_checkpoint(work, identity, **states):
-    """--resume: work/last.pt into `states`, once shown to be this run's (same flags, training list
-    and teacher); returns (the next epoch, step, epoch log)."""
+def restart_from_checkpoint(work, identity, resume, **states):
+    """(the first epoch, step, epoch log) of a run: (0, 0, []), or with --resume work/last.pt
+    restored into `states`, once shown to be this run's (same flags, training list, teacher)."""
+    if not resume:
+        return 0, 0, []
     ckpt = load_torch(os.path.join(work, "last.pt"), "resume checkpoint",
                       "drop --resume to start afresh")
     saved = ckpt.get("identity", {})
@@ -1429,6 +1431,7 @@ def load_checkpoint(work, identity, **states):
     for k, v in states.items():
         v.load_state_dict(ckpt[k])
     torch.set_rng_state(ckpt["torch_rng"])
+    print(f"resumed {work}/last.pt after epoch {ckpt['epoch']} (step {ckpt['step']})")
     return ckpt["epoch"] + 1, ckpt["step"], ckpt["history"]
 
 
