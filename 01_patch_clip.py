@@ -30,43 +30,45 @@ STAGE = "01_patch_clip.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.Flags(__doc__)
     add = p.add_argument
     add("--data", default="eurosat", help="task data set, a name of the README's data table "
         "(default: eurosat)")
     add("--root", help="its folder (default: data/<name>, see README)")
-    add("--download", action="store_true", help="download EuroSAT RGB with torchvision first")
+    add("--download", action="store_true", help="download EuroSAT (RGB or MS) first")
     add("--control", help="control data set, zero-shot, to pick alpha: resisc45, imagenet, ... "
         "(default: none; PAINT: imagenet)")
     add("--control-root", help="its folder (default: data/<name>)")
-    add("--control-per-class", type=int, metavar="N", help="evaluate the control on N images per "
-        "class, fixed by --split-seed (default: all of its split; e.g. 10 for ImageNet)")
+    add("--control-per-class", type=C.number(int, 1), metavar="N", help="evaluate the control "
+        "on N images per class, fixed by --split-seed (default: all of its split)")
     add("--prompts", help="JSON file of class names and/or templates (default: the data set's "
         "own; docs/evaluation.md)")
     add("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
     add("--pretrained", default="openai", help="open_clip tag, weights file, or 'none' "
         "(default: openai)")
-    add("--epochs", type=int, default=5, help="fine-tuning epochs (default: 5, PAINT; the "
-        "official BigEarthNet config: 1)")
-    add("--max-steps", type=int, help="stop after this many steps (default: no limit)")
-    add("--batch-size", type=int, default=128, help="images per step (default: 128)")
-    add("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default: 1e-5)")
-    add("--wd", type=float, default=0.1, help="AdamW weight decay (default: 0.1, PAINT; the "
-        "official config: 0.5)")
-    add("--warmup", type=int, help="linear warm-up steps (default: 200, at most a tenth of the "
-        "run)")
-    add("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1 "
-        "(default: 0.0, as in effect in the official code, README)")
-    add("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
+    add("--epochs", type=C.number(int, 1), default=5, help="fine-tuning epochs (default: 5, "
+        "PAINT; the official BigEarthNet config: 1)")
+    add("--max-steps", type=C.number(int, 1), help="stop after this many steps (default: none)")
+    add("--batch-size", type=C.number(int, 1), default=128, help="images per step (default: 128)")
+    add("--lr", type=C.number(float, 0, above=True), default=1e-5,
+        help="peak AdamW learning rate (default: 1e-5)")
+    add("--wd", type=C.number(float, 0), default=0.1, help="AdamW weight decay (default: 0.1, "
+        "PAINT; the official config: 0.5)")
+    add("--warmup", type=C.number(int, 0), help="linear warm-up steps (default: 200, at most a "
+        "tenth of the run)")
+    add("--label-smoothing", type=C.number(float, 0, 1), default=0.0, help="label smoothing of "
+        "the loss (default: 0.0, as in effect in the official code, README)")
+    add("--grad-clip", type=C.number(float, 0, above=True), default=1.0,
+        help="max gradient L2 norm (default: 1.0)")
     add("--augment", default="flip", choices=("flip", "official", "none"), help="augmentation "
         "in fine-tuning: random flips; the official code's flips, colour jitter, grey scale and "
         "blur; none (default: flip)")
-    add("--alphas", type=float, nargs="+", default=[i / 10 for i in range(11)],
+    add("--alphas", type=C.number(float, 0, 1), nargs="+", default=[i / 10 for i in range(11)],
         help="interpolation weights to evaluate (default: 0, 0.1, ..., 1)")
-    add("--alpha", type=float, default=0.5, help="alpha kept without --control (default: 0.5)")
-    add("--split-seed", type=int, default=0, help="seed of the train/val/test split "
-        "(default: 0)")
+    add("--alpha", type=C.number(float, 0, 1), default=0.5,
+        help="alpha kept without --control (default: 0.5)")
+    add("--split-seed", type=C.number(int, 0), default=0, help="seed of the train/val/test "
+        "split (default: 0)")
     C.add_run_flags(p, "runs/patch")
     return p.parse_args(argv)
 
@@ -178,12 +180,8 @@ def run(args):
     if args.redraw:
         return C.redraw(args.redraw, STAGE, {"alpha.png": plot_alpha}, args.debug)
     device = C.pick_device(args.device)
-    if args.max_steps is not None and args.max_steps < 1:
-        raise C.UserError(f"--max-steps {args.max_steps} would save a CLIP that was never "
-                          f"fine-tuned; pass 1 or more")
-    if args.control_per_class is not None and (not args.control or args.control_per_class < 1):
-        raise C.UserError(f"--control-per-class {args.control_per_class}: pass a number of images "
-                          f">= 1, with --control")
+    if args.control_per_class is not None and not args.control:
+        raise C.UserError("--control-per-class N is for a --control data set; pass --control too")
     C.check_run(args.out, STAGE, args.resume, args.overwrite)
 
     # ------------------------------------------------------------------ data

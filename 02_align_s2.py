@@ -34,40 +34,42 @@ SSL4EO_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.Flags(__doc__)
     add = p.add_argument
     add("--teacher", default="runs/patch", help="stage 1's run folder, the patched CLIP "
         "(default: runs/patch)")
     add("--data", default="eurosat_ms", help="Sentinel-2 data set: eurosat_ms, "
         "bigearthnet19/43/5, ... (default: eurosat_ms)")
     add("--root", help="its folder (default: data/<name>, see README)")
+    add("--download", action="store_true", help="download EuroSAT MS first")
     add("--prompts", help="JSON file of class names and/or templates for the text head "
         "(default: the teacher's on its own data, else the data set's; docs/evaluation.md)")
     add("--student", default="vit_small_patch16_224", help="timm architecture "
         "(default: vit_small_patch16_224)")
-    add("--input-size", type=int, help="student input side in pixels (default: the timm "
-        "model's, 224)")
-    add("--drop-path", type=float, default=0.2, help="the student's stochastic depth rate "
-        "(default: 0.2)")
+    add("--input-size", type=C.number(int, 1), help="student input side in pixels (default: "
+        "the timm model's, 224)")
+    add("--drop-path", type=C.number(float, 0, 1), default=0.2, help="the student's stochastic "
+        "depth rate (default: 0.2)")
     add("--student-weights", help="SSL4EO-S12-style backbone checkpoint (default: random init)")
     add("--student-weights-bands", default="ssl4eo", choices=("ssl4eo", "eurosat"),
         help="band order of its patch embedding: SSL4EO-S12's (B8A after B08) or EuroSAT's "
         "(B8A last) (default: ssl4eo)")
-    add("--mse-weight", type=float, default=1.0, help="mu, weight of the MSE to the teacher "
-        "(default: 1; 0: the paper's CE-only ablation)")
-    add("--ce-weight", type=float, default=0.05, help="lambda, weight of the text-head loss "
-        "(default: 0.05; 0: the paper's MSE-only ablation)")
-    add("--epochs", type=int, default=5, help="training epochs (default: 5)")
-    add("--max-steps", type=int, help="stop after this many steps (default: no limit)")
-    add("--batch-size", type=int, default=256, help="images per step (default: 256)")
-    add("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default: 1e-4)")
-    add("--wd", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    add("--warmup", type=int, help="linear warm-up steps (default: 2000, at most a tenth of the "
-        "run)")
+    add("--mse-weight", type=C.number(float, 0), default=1.0, help="mu, weight of the MSE to "
+        "the teacher (default: 1; 0: the paper's CE-only ablation)")
+    add("--ce-weight", type=C.number(float, 0), default=0.05, help="lambda, weight of the "
+        "text-head loss (default: 0.05; 0: the paper's MSE-only ablation)")
+    add("--epochs", type=C.number(int, 1), default=5, help="training epochs (default: 5)")
+    add("--max-steps", type=C.number(int, 1), help="stop after this many steps (default: none)")
+    add("--batch-size", type=C.number(int, 1), default=256, help="images per step (default: 256)")
+    add("--lr", type=C.number(float, 0, above=True), default=1e-4,
+        help="peak AdamW learning rate (default: 1e-4)")
+    add("--wd", type=C.number(float, 0), default=0.01, help="AdamW weight decay (default: 0.01)")
+    add("--warmup", type=C.number(int, 0), help="linear warm-up steps (default: 2000, at most a "
+        "tenth of the run)")
     add("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="shuffle the "
         "training scenes each epoch (default: shuffle; the official run did not)")
-    add("--grad-clip", type=float, default=1.0, help="max gradient L2 norm (default: 1.0)")
+    add("--grad-clip", type=C.number(float, 0, above=True), default=1.0,
+        help="max gradient L2 norm (default: 1.0)")
     C.add_run_flags(p, "runs/align")
     return p.parse_args(argv)
 
@@ -164,9 +166,6 @@ def run(args):
     if args.redraw:
         return C.redraw(args.redraw, STAGE, {"training.png": plot_training}, args.debug)
     device = C.pick_device(args.device)
-    if args.max_steps is not None and args.max_steps < 1:
-        raise C.UserError(f"--max-steps {args.max_steps} would save an untrained student; pass 1 "
-                          f"or more")
     C.check_run(args.out, STAGE, args.resume, args.overwrite)
 
     # ------------------------------------------------------------------ teacher
@@ -176,7 +175,7 @@ def run(args):
 
     # ------------------------------------------------------------------ data, with the teacher's
     # split seed: on the scenes it was patched on, they stay out of the student's val and test
-    train = C.load_split(args.data, args.root, "train", meta["split_seed"])
+    train = C.load_split(args.data, args.root, "train", meta["split_seed"], args.download)
     if train.modality != "ms":
         raise C.UserError(f"the student reads Sentinel-2 bands, --data {args.data} is RGB; pass "
                           + " or ".join(f"--data {n}" for n in C.MS_DATASETS))

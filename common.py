@@ -6,6 +6,7 @@
   data        the data-set table, listers, splits, readers, packed cache, batches
   runs        run flags, one-line errors, run folders, checkpoints, JSON, pictures (plumbing)
 """
+import argparse
 import contextlib
 import hashlib
 import importlib.util
@@ -497,21 +498,42 @@ def folder_classname(folder):
     return spaced.replace("_", " ").replace("-", " ").lower()
 
 
-def download_eurosat(root):
-    """torchvision's EuroSAT download into root/eurosat/2750/; a failure leaves nothing behind."""
-    made = next((p for p in (root, os.path.join(root, "eurosat")) if not os.path.exists(p)), None)
+# torchgeo's copy of the EuroSAT MS archive (its URL and MD5), and where its class folders lie in it
+EUROSAT_MS_ARCHIVE = ("https://hf.co/datasets/torchgeo/eurosat/resolve/"
+                      "1ce6f1bfb56db63fd91b6ecc466ea67f2509774c/EuroSATallBands.zip",
+                      "5ac12b3b2557aa56e1826e981e8e200e")
+EUROSAT_MS_FOLDER = os.path.join("ds", "images", "remote_sensing", "otherDatasets", "sentinel_2",
+                                 "tif")
+
+
+def download_eurosat(root, ms=False):
+    """EuroSAT into root: RGB as torchvision downloads it (root/eurosat/2750/), MS as torchgeo's
+    archive (root/ds/.../tif/, MD5 checked, the zip removed); nothing is kept when it fails."""
+    if ms and any(os.path.isdir(os.path.join(root, p, "Forest")) for p in ("", EUROSAT_MS_FOLDER)):
+        return  # there already
+    made = next((p for p in (root, os.path.join(root, "eurosat" if not ms else "ds"))
+                 if not os.path.exists(p)), None)
+    url, md5 = EUROSAT_MS_ARCHIVE
+    archive = os.path.join(root, os.path.basename(url))
     try:
-        torchvision.datasets.EuroSAT(root, download=True)
+        if ms:
+            from torchvision.datasets.utils import download_and_extract_archive
+            download_and_extract_archive(url, root, md5=md5, remove_finished=True)
+        else:
+            torchvision.datasets.EuroSAT(root, download=True)
     except Exception as e:
         if made:  # the outermost folder the download made
             shutil.rmtree(made, ignore_errors=True)
+        if ms and os.path.exists(archive):
+            os.remove(archive)
+        layout = f"{EUROSAT_MS_FOLDER}/<Class>/*.tif" if ms else "eurosat/2750/<Class>/*.jpg"
         raise UserError(f"could not download EuroSAT into {root} ({type(e).__name__}: "
                         f"{str(e)[:160]}); nothing was kept; fetch it elsewhere and pass --root "
-                        f"DIR holding eurosat/2750/<Class>/*.jpg")
+                        f"DIR holding {layout}")
 
 
 def list_class_folders(dataset, root, download=False, suffixes=RGB_SUFFIXES,
-                       classnames=folder_classname, subfolders=(), fetch=None):
+                       classnames=folder_classname, subfolders=(), fetch=None, sample=None):
     """A class-folder data set: <folder>/<ClassName>/<files>, <folder> the first of `subfolders`
     under root that exists, or root; classnames: a dict or a function of the folder name."""
     if download and fetch:
@@ -519,7 +541,8 @@ def list_class_folders(dataset, root, download=False, suffixes=RGB_SUFFIXES,
     folder = next((os.path.join(root, s) for s in subfolders
                    if os.path.isdir(os.path.join(root, s))), root)
     if not os.path.isdir(folder):
-        hint = f" (01_patch_clip.py --data {dataset} --download fetches it)" if fetch else ""
+        hint = (", or --download to fetch it" if fetch else "") + \
+            (f" (a sample to try: --root {sample})" if sample else "")
         raise UserError(f"data folder {folder} does not exist; pass --root DIR{hint}")
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:
@@ -815,7 +838,8 @@ DATA = {
         subfolders=(os.path.join("eurosat", "2750"), "2750")),
         read_rgb, EUROSAT_TEMPLATES, scenes="eurosat"),
     "eurosat_ms": DataSet("ms", "data/EuroSAT_MS", _folders(
-        classnames=EUROSAT_CLASSNAMES, suffixes=TIF_SUFFIXES),
+        classnames=EUROSAT_CLASSNAMES, suffixes=TIF_SUFFIXES, subfolders=(EUROSAT_MS_FOLDER,),
+        fetch=lambda root: download_eurosat(root, ms=True), sample="data/eurosat_ms_sample"),
         read_s2_tif, EUROSAT_TEMPLATES, Pixels((S2_BANDS,), L1C_RGB_MAX), scenes="eurosat"),
     "resisc45": DataSet("rgb", "data/NWPU-RESISC45", _folders(
         classnames=lambda c: c.replace("_", " ")), read_rgb, RESISC45_TEMPLATES),
@@ -1167,15 +1191,42 @@ def batch_loader(dataset, batch_size, train=False, shuffle=True, seed=0, epoch=0
 # (last.pt) for --resume, and is removed otherwise (docs/runs.md).
 
 
+class Flags(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: argument --epochs: ...`, exit 2."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def number(kind, low, high=None, above=False):
+    """An argparse type: a `kind` (int or float) >= low (> low with `above`) and <= high."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        if value < low or (above and value == low) or (high is not None and value > high):
+            bound = f"> {low}" if above else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: pass a value {bound}"
+                                             + (f" and <= {high}" if high is not None else ""))
+        return value
+    parse.range = (kind, low, high, above)  # for the tests
+    return parse
+
+
 def add_run_flags(p, out, out_help=None, training=True):
     """The flags of how and where a stage runs, the same in every stage that takes them
     (--seed and --resume: the training stages)."""
     add = p.add_argument
     if training:
-        add("--seed", type=int, default=0, help="seed of the model's init, the data order and "
-            "augmentation (default: 0)")
+        add("--seed", type=number(int, 0), default=0, help="seed of the model's init, the data "
+            "order and augmentation (default: 0)")
     add("--device", help="torch device (default: cuda if available, else cpu)")
-    add("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    add("--workers", type=number(int, 0), default=min(8, os.cpu_count() or 1),
         help="loader processes (default: cores, up to 8)")
     add("--cache", help="folder for packed, memory-mapped splits and stage 2's teacher "
         "embeddings (default: none)")

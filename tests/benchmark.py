@@ -41,8 +41,8 @@ patch = importlib.import_module("01_patch_clip")  # its augmentation
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                  "eurosat_ms_sample"), help="EuroSAT MS folder (default: ../shared sample)")
+    p.add_argument("--root", default=os.path.join(os.path.dirname(__file__), "..", "data", "eurosat_ms_sample"),
+                   help="EuroSAT MS folder (default: the shipped data/eurosat_ms_sample)")
     p.add_argument("--repeat", type=int, default=40, help="list the files this many times (default: 40)")
     p.add_argument("--model", default="ViT-B-32", help="open_clip model of stage 1 (random weights) (default: ViT-B-32)")
     p.add_argument("--student", default="vit_small_patch16_224", help="timm student (default: vit_small_patch16_224)")

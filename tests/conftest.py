@@ -15,7 +15,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED_MS = os.path.join(ROOT, "..", "shared", "data", "eurosat_ms_sample")
+SAMPLE_MS = os.path.join(ROOT, "data", "eurosat_ms_sample")  # shipped: 200 real EuroSAT MS tifs
 SHARED_BEN = os.path.join(ROOT, "..", "shared", "data", "bigearthnet_s2_sample")
 SHARED_BEN_SPLITS = os.path.join(ROOT, "..", "shared", "data", "bigearthnet_splits")
 

@@ -5,7 +5,7 @@ collect it). Compare its output with the README.
     python tests/readme_figures.py --demo       # and the 8-minute demo, seeds 0 and 1 (about 16 min)
     python tests/readme_figures.py --tests      # and the test suite's count and time
 
-Runs the README's own commands in a temporary folder (../shared/data's EuroSAT MS sample) and reads
+Runs the README's own commands in a temporary folder (the shipped data/eurosat_ms_sample) and reads
 the figures from the runs' metrics.json files; times are wall-clock seconds of each stage, memory the
 peak resident memory of each stage's process (Linux).
 """
@@ -18,7 +18,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "..", "shared", "data", "eurosat_ms_sample")
+SAMPLE = os.path.join(ROOT, "data", "eurosat_ms_sample")
 SMOKE = [["01_patch_clip.py", "--model", "ViT-S-32", "--pretrained", "none", "--data", "eurosat_ms", "--root", SAMPLE,
           "--epochs", "1", "--batch-size", "32", "--out", "{o}/patch"],
          ["02_align_s2.py", "--teacher", "{o}/patch", "--root", SAMPLE, "--input-size", "64", "--epochs", "1",
@@ -58,7 +58,7 @@ def main():
     p.add_argument("--tests", action="store_true", help="also run the test suite: its count and time")
     args = p.parse_args()
     if not os.path.isdir(SAMPLE):
-        sys.exit(f"{SAMPLE} is not here: these figures are measured on ../shared/data's EuroSAT MS sample")
+        sys.exit(f"{SAMPLE} is not here: these figures are measured on the shipped EuroSAT MS sample")
     with tempfile.TemporaryDirectory() as tmp:
         times = run_stages(SMOKE, tmp)
         zs, cm, gap = evaluation(tmp)

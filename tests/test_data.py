@@ -9,7 +9,7 @@ import tifffile
 import torch
 import torchvision.transforms.functional as TVF
 import torch.nn.functional as F
-from conftest import (EUROSAT_CLASSES, SHARED_MS, TINY_CLIP, hash_split, load_stage, make_eurosat_ms, make_eurosat_rgb,
+from conftest import (EUROSAT_CLASSES, SAMPLE_MS, TINY_CLIP, hash_split, load_stage, make_eurosat_ms, make_eurosat_rgb,
                       split_count)
 from PIL import Image
 
@@ -23,7 +23,7 @@ def np_composite(ms, rgb_max=3558):
 
 
 def shared_tifs(every=10):
-    return sorted(glob.glob(os.path.join(SHARED_MS, "*", "*.tif")))[::every]
+    return sorted(glob.glob(os.path.join(SAMPLE_MS, "*", "*.tif")))[::every]
 
 
 # ----------------------------------------------------------------------------- splits
@@ -240,8 +240,8 @@ def clip_preprocess(request):
 def image_files(source, tmp_path):
     """(files, modality) of one source of 64x64 tiles: generated jpgs, generated tifs or real tifs."""
     if source == "real tifs":
-        if not os.path.isdir(SHARED_MS):
-            pytest.skip(f"{SHARED_MS} (200 real EuroSAT MS tifs) is not present")
+        if not os.path.isdir(SAMPLE_MS):
+            pytest.skip(f"{SAMPLE_MS} (200 real EuroSAT MS tifs) is not present")
         return shared_tifs(), "ms"
     if source == "generated jpgs":
         root = make_eurosat_rgb(tmp_path / "rgb", per_class=1)
@@ -332,7 +332,7 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
         with pytest.raises(C.UserError, match="could not download EuroSAT.*nothing was kept"):
             C.list_scenes("eurosat", str(root), download=True)
         assert not os.path.exists(tmp_path / "data" / "eurosat") and not os.path.exists(tmp_path / "eurosat")
-    with pytest.raises(C.UserError, match=r"does not exist; pass --root DIR \(01_patch_clip.py --data eurosat --download fetches it\)"):
+    with pytest.raises(C.UserError, match=r"does not exist; pass --root DIR, or --download to fetch it"):
         C.list_scenes("eurosat", str(tmp_path / "data" / "eurosat"))  # the next run meets no half-made folder
 
 
@@ -340,3 +340,41 @@ def test_rgb_images_under_an_ms_data_set_get_a_hint(tmp_path):
     root = make_eurosat_rgb(tmp_path / "rgb", per_class=1, classes=EUROSAT_CLASSES[:2], size=8)
     with pytest.raises(C.UserError, match=r"look like RGB images: pass --data eurosat or --data folder"):
         C.list_scenes("eurosat_ms", os.path.join(root, "eurosat", "2750"))
+
+
+def test_eurosat_ms_download_unpacks_torchgeos_archive_where_the_data_set_looks(tmp_path, monkeypatch):
+    """--download for eurosat_ms: an archive in the real layout (ds/images/.../tif/<Class>/*.tif),
+    fetched by URL, its MD5 checked, unpacked under --root, the zip removed; a wrong MD5 keeps nothing."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+    import zipfile
+    made = make_eurosat_ms(tmp_path / "src" / C.EUROSAT_MS_FOLDER, per_class=2, classes=EUROSAT_CLASSES, size=8)
+    archive = tmp_path / "EuroSATallBands.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for folder, _, files in os.walk(tmp_path / "src"):
+            for f in files:
+                z.write(os.path.join(folder, f), os.path.relpath(os.path.join(folder, f), tmp_path / "src"))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # loopback only
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/EuroSATallBands.zip"
+    root = tmp_path / "data" / "EuroSAT_MS"
+    try:
+        monkeypatch.setattr(C, "EUROSAT_MS_ARCHIVE", (url, "0" * 32))
+        with pytest.raises(C.UserError, match="could not download EuroSAT.*nothing was kept"):
+            C.list_scenes("eurosat_ms", str(root), download=True)
+        assert not os.path.exists(root)
+        monkeypatch.setattr(C, "EUROSAT_MS_ARCHIVE", (url, md5))
+        scenes = C.list_scenes("eurosat_ms", str(root), download=True)
+    finally:
+        server.shutdown()
+    assert len(scenes.files) == 20 and scenes.classes == EUROSAT_CLASSES
+    assert scenes.root == os.path.join(str(root), C.EUROSAT_MS_FOLDER) and os.listdir(root) == ["ds"]
+    assert np.array_equal(C.read_s2_tif(os.path.join(scenes.root, scenes.files[0])),
+                          tifffile.imread(os.path.join(made, scenes.files[0])))
+    monkeypatch.setattr(C, "EUROSAT_MS_ARCHIVE", (url, md5))  # there already: no fetch (server is down)
+    assert C.list_scenes("eurosat_ms", str(root), download=True).files == scenes.files

@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EUROSAT_CLASSES, SHARED_MS, TINY_STUDENT, load_stage, split_count, tiny_patch_args
+from conftest import EUROSAT_CLASSES, SAMPLE_MS, TINY_STUDENT, load_stage, split_count, tiny_patch_args
 
 import common as C
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SHARED_MS),
-                                reason=f"{SHARED_MS} (200 real EuroSAT MS tifs) is not present")
+pytestmark = pytest.mark.skipif(not os.path.isdir(SAMPLE_MS),
+                                reason=f"{SAMPLE_MS} (200 real EuroSAT MS tifs) is not present")
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,12 @@ def real_runs(tmp_path_factory):
     """Stage 1 -> stage 2 -> stage 3 on the real tifs, as the README chains them."""
     base = tmp_path_factory.mktemp("real")
     patch, align, evaluate, cache = base / "patch", base / "align", base / "eval", str(base / "cache")
-    load_stage("01_patch_clip.py").main(tiny_patch_args(SHARED_MS, patch, "eurosat_ms", "--epochs", "1",
+    load_stage("01_patch_clip.py").main(tiny_patch_args(SAMPLE_MS, patch, "eurosat_ms", "--epochs", "1",
                                                         "--batch-size", "32", "--cache", cache))
     load_stage("02_align_s2.py").main(["--teacher", str(patch), "--data", "eurosat_ms",
-                                       "--root", SHARED_MS, *TINY_STUDENT, "--epochs", "8", "--batch-size", "32",
+                                       "--root", SAMPLE_MS, *TINY_STUDENT, "--epochs", "8", "--batch-size", "32",
                                        "--lr", "1e-3", "--workers", "0", "--cache", cache, "--out", str(align)])
-    load_stage("03_eval.py").main(["--ckpt", str(align / "student.pt"), "--data", "eurosat_ms", "--root", SHARED_MS,
+    load_stage("03_eval.py").main(["--ckpt", str(align / "student.pt"), "--data", "eurosat_ms", "--root", SAMPLE_MS,
                                    "--workers", "0", "--cache", cache, "--out", str(evaluate),
                                    "--results", str(base / "results.jsonl")])
     return {"patch": patch, "align": align, "eval": evaluate, "results": base / "results.jsonl"}
@@ -36,7 +36,7 @@ def test_stage2_aligns_the_student_to_the_teacher_on_real_tifs(real_runs):
     """The validation MSE to the teacher's embeddings of the RGB composites falls well below the untrained student's."""
     meta = json.load(open(real_runs["patch"] / "patched.json"))
     teacher, _, _ = C.load_teacher(str(real_runs["patch"]), "cpu")
-    val = C.load_split("eurosat_ms", SHARED_MS, "val", meta["split_seed"])
+    val = C.load_split("eurosat_ms", SAMPLE_MS, "val", meta["split_seed"])
     raw = C.ImageFiles(val)[list(range(len(val.files)))]["images"]
     assert raw.shape == (len(val.files), 64, 64, 13) and raw.dtype == torch.uint16  # as read: H, W, bands
     with torch.no_grad():
@@ -53,7 +53,7 @@ def test_stage2_aligns_the_student_to_the_teacher_on_real_tifs(real_runs):
 def test_stage3_writes_every_metric_for_the_real_test_split(real_runs):
     result = json.load(open(real_runs["eval"] / "metrics.json"))
     m = result["metrics"]
-    assert result["n_images"] == split_count(SHARED_MS, "test") and result["n_classes"] == 10  # 33 of the 200
+    assert result["n_images"] == split_count(SAMPLE_MS, "test") and result["n_classes"] == 10  # 33 of the 200
     assert result["skipped_files"] == 0
     for name in ("clip_rgb", "student_ms"):
         zs = m["zeroshot"][name]

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import SHARED_MS, TINY_STUDENT, load_stage, make_eurosat_ms
+from conftest import SAMPLE_MS, TINY_STUDENT, load_stage, make_eurosat_ms
 
 import common as C
 
@@ -21,9 +21,9 @@ def test_removing_one_file_moves_no_other_scene(tmp_path, source):
     """The review's experiment: with one AnnualCrop tif removed, 31 of 40 test scenes had been
     training scenes. Now no scene but the removed one changes its split."""
     if source == "real tifs":
-        if not os.path.isdir(SHARED_MS):
-            pytest.skip(f"{SHARED_MS} (200 real EuroSAT MS tifs) is not present")
-        root = shutil.copytree(SHARED_MS, tmp_path / "ms")
+        if not os.path.isdir(SAMPLE_MS):
+            pytest.skip(f"{SAMPLE_MS} (200 real EuroSAT MS tifs) is not present")
+        root = shutil.copytree(SAMPLE_MS, tmp_path / "ms")
     else:
         root = make_eurosat_ms(tmp_path / "ms", per_class=20, size=8)
     before = splits_by_id(root)

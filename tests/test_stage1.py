@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
-from conftest import EUROSAT_CLASSES, SHARED_MS, TINY_CLIP, load_stage, make_eurosat_ms, make_eurosat_rgb, \
+from conftest import EUROSAT_CLASSES, SAMPLE_MS, TINY_CLIP, load_stage, make_eurosat_ms, make_eurosat_rgb, \
     tiny_patch_args
 
 import common as C
@@ -252,17 +252,17 @@ def test_alpha_rule_takes_the_best_mean_and_the_smaller_alpha_on_ties(tmp_path, 
         assert torch.allclose(patched["visual." + k], v, rtol=1e-6, atol=0), k
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_MS), reason=f"{SHARED_MS} (200 real EuroSAT MS tifs) is not present")
+@pytest.mark.skipif(not os.path.isdir(SAMPLE_MS), reason=f"{SAMPLE_MS} (200 real EuroSAT MS tifs) is not present")
 def test_cli_on_real_eurosat_ms_tifs_and_their_rgb_composite(tmp_path):
     out = tmp_path / "out"
-    stage.main(tiny_patch_args(SHARED_MS, out, "eurosat_ms", "--epochs", "1", "--batch-size", "32",
+    stage.main(tiny_patch_args(SAMPLE_MS, out, "eurosat_ms", "--epochs", "1", "--batch-size", "32",
                                "--alphas", "0", "1", "--cache", str(tmp_path / "cache")))
     meta = json.load(open(out / "patched.json"))
     metrics = json.load(open(out / "metrics.json"))
     assert meta["classes"] == EUROSAT_CLASSES and metrics["steps"] == 5  # 140 train tifs, 32 a step
     assert all(0 <= r["task_acc"] <= 1 for r in metrics["alphas"]) and metrics["skipped_files"] == {}
     # the composite: B04, B03, B02 (index 3, 2, 1 of B01..B12,B8A) x 255/3558, clipped, truncated
-    for path in sorted(glob.glob(os.path.join(SHARED_MS, "*", "*_1.tif"))):
+    for path in sorted(glob.glob(os.path.join(SAMPLE_MS, "*", "*_1.tif"))):
         ms = tifffile.imread(path)
         assert ms.shape == (64, 64, 13) and ms.dtype == np.uint16
         expected = np.floor(np.clip(np.stack([ms[..., 3], ms[..., 2], ms[..., 1]], -1) * 255.0 / 3558, 0, 255))
@@ -484,5 +484,5 @@ def test_a_root_one_level_too_high_is_said(tmp_path, capsys, data):
 def test_max_steps_zero_is_refused(tmp_path, capsys):
     """--max-steps 0 wrote a 'patched' CLIP that was never fine-tuned, without a word."""
     expect_error(capsys, tiny_patch_args(small_ms(tmp_path), tmp_path / "out", "eurosat_ms", "--max-steps", "0"),
-                 "--max-steps 0", out=tmp_path / "out")
+                 "--max-steps: 0 is out of range: pass a value >= 1", out=tmp_path / "out")
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")

@@ -381,5 +381,5 @@ def test_a_clip_checkpoint_as_student_weights_names_a_few_keys_and_stops(patched
 
 
 def test_max_steps_zero_is_refused(patched_run, tmp_path, capsys):
-    expect_error(capsys, align_args(patched_run, tmp_path / "a", "--max-steps", "0"), "--max-steps 0")
+    expect_error(capsys, align_args(patched_run, tmp_path / "a", "--max-steps", "0"), "--max-steps: 0 is out of range")
     assert not os.path.exists(tmp_path / "a.partial")
