@@ -262,7 +262,8 @@ def run(args):
                    for k, v in ds.skipped.items()}
         save_patched(work, model, clip_config, args, train, control, {
             "epochs": history, "alphas": rows, "chosen_alpha": chosen, "steps": step,
-            "skipped_files": skipped})
+            "skipped_files": skipped, "task": {"split": "val", "n_images": len(val.files),
+                                               "chance": val.chance}})
     if skipped:
         print(f"skipped {len(skipped)} unreadable files (listed in metrics.json)")
     print(f"wrote {args.out}: patched CLIP (alpha {chosen}); open_clip loads it as "
@@ -283,7 +284,7 @@ def save_patched(work, model, clip_config, args, train, control, metrics):
     C.write_json(os.path.join(work, "metrics.json"), {**metrics, "control": control and {
         "dataset": control.dataset, "root": os.path.abspath(control.root),
         "split": control.split, "per_class": args.control_per_class,
-        "n_images": len(control.files)}})
+        "n_images": len(control.files), "chance": control.chance}})
     C.write_json(os.path.join(work, "patched.json"), {
         "kind": "rsclip-align/patched-clip",
         "model": open_clip_name(args.model, clip_config.get("quick_gelu")),
@@ -318,6 +319,7 @@ def save_clip(model, config, folder):
     weights = os.path.join(folder, C.OPEN_CLIP_WEIGHTS)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, weights)
+    os.chmod(weights, 0o644)  # safetensors writes 0600; every other output is 0644
     hf.save_config_for_hf(model, Path(os.path.join(folder, C.OPEN_CLIP_CONFIG)), config)
     return weights
 
@@ -357,15 +359,22 @@ def load_control(args):
 
 def plot_alpha(folder):
     """alpha.png from metrics.json: the task's (and control's) validation metric against alpha,
-    the chosen alpha dashed (0: zero-shot, 1: fine-tuned); the mean training loss of each epoch."""
+    with its number of images and chance level, the chosen alpha dashed (0: zero-shot, 1:
+    fine-tuned); the mean training loss of each epoch."""
     m = C.read_json(os.path.join(folder, "metrics.json"))
     figure, (curve, loss) = C.new_figure(8, 3.8, ncols=2)
     rows = sorted(m["alphas"], key=lambda r: r["alpha"])
     keys = sorted((k for k in rows[0] if k != "alpha"), reverse=True)
     for key, colour in zip(keys, ("tab:blue", "tab:orange")):
-        label = f"control ({m['control']['dataset']})" if key.startswith("control") else "task"
+        what = m["control"] if key.startswith("control") else m.get("task") or {}
+        label = f"control ({what['dataset']})" if key.startswith("control") else "task"
+        if "n_images" in what:
+            label += f", {what['n_images']} {what['split']} images"
         curve.plot([r["alpha"] for r in rows], [100 * r[key] for r in rows], "o-", color=colour,
                    label=label)
+        if what.get("chance") is not None:
+            curve.axhline(100 * what["chance"], color=colour, ls=":", lw=1,
+                          label=f"chance, {label.split(',')[0]}")
     curve.axvline(m["chosen_alpha"], color="0.3", ls="--", lw=1,
                   label=f"chosen alpha {m['chosen_alpha']:g}")
     curve.set_xticks([0, 0.25, 0.5, 0.75, 1],
@@ -373,8 +382,10 @@ def plot_alpha(folder):
     curve.set(xlim=(-0.05, 1.05), xlabel="alpha, the weight of the fine-tuned image tower",
               ylabel="mAP (%)" if "task_map" in rows[0] else "top-1 accuracy (%)",
               title="PAINT: zero-shot on the validation splits")
-    curve.legend(fontsize=8)
-    loss.plot([r["epoch"] for r in m["epochs"]], [r["train_loss"] for r in m["epochs"]], "o-")
+    curve.legend(fontsize=7)
+    epochs, losses = [r["epoch"] for r in m["epochs"]], [r["train_loss"] for r in m["epochs"]]
+    loss.plot(epochs, losses, "o-")
+    C.epoch_axis(loss, epochs, losses)
     loss.set(xlabel="epoch", ylabel="training loss", title="fine-tuning loss (mean over the epoch)")
     return figure
 

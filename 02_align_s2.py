@@ -77,17 +77,17 @@ def parse_args(argv=None):
 # ============================================================================ the method
 
 
-def alignment_loss(student_emb, teacher_emb, head, logit_scale, labels, ce_weight,
+def alignment_loss(student_emb, teacher_emb, head, log_logit_scale, labels, ce_weight,
                    mse_weight=1.0):
     """The paper's objective, L = mu * MSE(s, t) + lambda * CE(exp(tau) * normalise(s) @ W, y).
 
     s, t: (B, D) student and teacher embeddings (unnormalised, as CLIP's image tower gives them);
-    W: the frozen zero-shot head; tau = logit_scale, on the log scale as open_clip stores it;
-    labels: (B,) class ids, or (B, C) 0/1 targets (binary cross-entropy). mu = --mse-weight,
-    lambda = --ce-weight (the paper's ablation: MSE only, lambda 0; CE only, mu 0).
-    Returns (L, MSE, CE)."""
+    W: the frozen zero-shot head; tau = log_logit_scale, on the log scale as open_clip stores it
+    (teacher.logit_scale; an exponentiated 100 is refused); labels: (B,) class ids, or (B, C) 0/1
+    targets (binary cross-entropy). mu = --mse-weight, lambda = --ce-weight (the paper's
+    ablation: MSE only, lambda 0; CE only, mu 0). Returns (L, MSE, CE)."""
     mse = F.mse_loss(student_emb.float(), teacher_emb.float())
-    logits = C.zeroshot_logits(student_emb, head, logit_scale)
+    logits = C.zeroshot_logits(student_emb, head, log_logit_scale)
     if labels.ndim == 2:
         ce = F.binary_cross_entropy_with_logits(logits, labels.float())
     else:
@@ -252,7 +252,8 @@ def run(args):
         skipped = {**train_ds.skipped, **val_ds.skipped}
         C.write_json(os.path.join(work, "metrics.json"), {
             "epochs": history, "steps": step, "teacher": args.teacher,
-            "teacher_sha256": meta["weights_sha256"], "skipped_files": skipped})
+            "teacher_sha256": meta["weights_sha256"], "skipped_files": skipped,
+            "val": {"n_images": len(val.files), "chance": val.chance}})
     if skipped:
         print(f"skipped {len(skipped)} unreadable files (listed in metrics.json)")
     print(f"wrote {args.out}/student.pt")
@@ -347,20 +348,31 @@ def student_record(student, arch, meta, teacher, scenes):
 
 def plot_training(folder):
     """training.png from metrics.json 'epochs': the MSE to the teacher (train: the epoch's mean;
-    val: after the epoch), the text-head loss, and the student's zero-shot validation metric."""
-    rows = C.read_json(os.path.join(folder, "metrics.json"))["epochs"]
+    val: after the epoch), the text-head loss, and the student's zero-shot validation metric
+    with its number of images and chance level."""
+    m = C.read_json(os.path.join(folder, "metrics.json"))
+    rows, val = m["epochs"], m.get("val") or {}
     epochs, metric = [r["epoch"] for r in rows], "map" if rows and "val_map" in rows[0] else "acc"
     figure, (mse, ce, score) = C.new_figure(9, 3, ncols=3)
-    mse.plot(epochs, [r["train_mse"] for r in rows], "o-", label="train")
-    mse.plot(epochs, [r["val_mse"] for r in rows], "s--", label="validation")
+    train_mse, val_mse = [r["train_mse"] for r in rows], [r["val_mse"] for r in rows]
+    mse.plot(epochs, train_mse, "o-", label="train")
+    mse.plot(epochs, val_mse, "s--", label="validation")
     mse.set(xlabel="epoch", ylabel="MSE to the teacher's embedding", title="alignment loss")
     mse.legend(fontsize=8)
-    ce.plot(epochs, [r["train_ce"] for r in rows], "o-")
+    train_ce = [r["train_ce"] for r in rows]
+    ce.plot(epochs, train_ce, "o-")
     ce.set(xlabel="epoch", title="text-head loss",
            ylabel="binary cross-entropy" if metric == "map" else "cross-entropy")
-    score.plot(epochs, [100 * r[f"val_{metric}"] for r in rows], "s--", color="tab:orange")
+    scores = [100 * r[f"val_{metric}"] for r in rows]
+    score.plot(epochs, scores, "s--", color="tab:orange",
+               label=f"{val['n_images']} val images" if "n_images" in val else None)
+    if val.get("chance") is not None:
+        score.axhline(100 * val["chance"], color="0.5", ls=":", lw=1, label="chance")
+        score.legend(fontsize=8)
     score.set(xlabel="epoch", title="zero-shot (val)",
               ylabel="mAP (%)" if metric == "map" else "top-1 accuracy (%)")
+    for ax, series in ((mse, (train_mse, val_mse)), (ce, (train_ce,)), (score, (scores,))):
+        C.epoch_axis(ax, epochs, *series)
     return figure
 
 

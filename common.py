@@ -55,10 +55,14 @@ def zeroshot_head(model, tokenizer, classnames, templates, device):
                                       num_classes_per_batch=10, device=device).float()
 
 
-def zeroshot_logits(features, head, logit_scale):
-    """Class logits of image embeddings: exp(logit_scale) * normalise(f) @ W. logit_scale is on the
-    log scale, as open_clip stores it (model.logit_scale, log 100 for OpenAI's CLIP)."""
-    return logit_scale.exp() * F.normalize(features.float(), dim=-1) @ head
+def zeroshot_logits(features, head, log_logit_scale):
+    """Class logits of image embeddings: exp(tau) * normalise(f) @ W, tau = log_logit_scale on
+    the log scale, as open_clip stores it (model.logit_scale: log 100 = 4.6 for OpenAI's CLIP);
+    an exponentiated scale (100) is refused."""
+    if float(log_logit_scale) > 10:  # exp(10) = 22026: no CLIP's temperature
+        raise ValueError(f"logit scale {float(log_logit_scale):g} looks exponentiated; pass it on "
+                         f"the log scale, as open_clip stores it (model.logit_scale)")
+    return log_logit_scale.exp() * F.normalize(features.float(), dim=-1) @ head
 
 
 def rgb_composite(ms, rgb_max):
@@ -483,6 +487,15 @@ class Scenes:
 
     pixels = property(lambda self: DATA[self.dataset].pixels)
     multilabel = property(lambda self: self.labels is not None and self.labels.ndim == 2)
+
+    @property
+    def chance(self):
+        """The score of random guesses: top-1 1/C; for multi-label data the mAP of random scores,
+        the mean share of positives over the classes that have one."""
+        if self.multilabel:
+            share = self.labels.mean(axis=0)
+            return float(share[share > 0].mean()) if (share > 0).any() else math.nan
+        return 1 / len(self.classes)
 
     def subset(self, indices, split):
         official = None if self.official_split is None else \
@@ -1491,6 +1504,15 @@ def new_figure(width, height, ncols=1, **subplots):
     from matplotlib.figure import Figure
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return figure, figure.subplots(1, ncols, squeeze=False, **subplots)[0]
+
+
+def epoch_axis(ax, epochs, *series):
+    """An axis of per-epoch values that reads at one epoch too: whole epochs, y from 0 then."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(epochs) == 1:
+        top = max(max(values) for values in series)
+        ax.set(xlim=(epochs[0] - 1, epochs[0] + 1), ylim=(0, 1.2 * top if top > 0 else 1))
 
 
 def redraw(folder, stage, pictures, debug=False):

@@ -486,3 +486,11 @@ def test_max_steps_zero_is_refused(tmp_path, capsys):
     expect_error(capsys, tiny_patch_args(small_ms(tmp_path), tmp_path / "out", "eurosat_ms", "--max-steps", "0"),
                  "--max-steps: 0 is out of range: pass a value >= 1", out=tmp_path / "out")
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
+
+
+def test_the_patched_weights_are_readable_by_others_as_every_output(patched_run):
+    """safetensors writes its file 0600; the patched CLIP is shared like every other output."""
+    import stat
+    modes = {f: stat.S_IMODE(os.stat(os.path.join(patched_run["out"], f)).st_mode)
+             for f in (C.OPEN_CLIP_WEIGHTS, "patched.json", "metrics.json", "finetuned.pt")}
+    assert set(modes.values()) == {0o644}, modes

@@ -383,3 +383,13 @@ def test_a_clip_checkpoint_as_student_weights_names_a_few_keys_and_stops(patched
 def test_max_steps_zero_is_refused(patched_run, tmp_path, capsys):
     expect_error(capsys, align_args(patched_run, tmp_path / "a", "--max-steps", "0"), "--max-steps: 0 is out of range")
     assert not os.path.exists(tmp_path / "a.partial")
+
+
+def test_alignment_loss_refuses_an_exponentiated_logit_scale():
+    """open_clip stores logit_scale on the log scale (log 100); a copied loss given exp of it,
+    100, would overflow to NaN silently; it is refused in one line instead."""
+    s, t, head = torch.randn(4, 8), torch.randn(4, 8), F.normalize(torch.randn(8, 3), dim=0)
+    y = torch.tensor([0, 1, 2, 0])
+    assert torch.isfinite(align.alignment_loss(s, t, head, torch.tensor(np.log(100.0)), y, 0.05)[0])
+    with pytest.raises(ValueError, match="looks exponentiated; pass it on the log scale"):
+        align.alignment_loss(s, t, head, torch.tensor(100.0), y, 0.05)
