@@ -229,7 +229,8 @@ def test_a_file_of_a_stage1_folder_is_evaluated_as_what_it_is(patched_run, patch
                                                    pixels=C.DATA["eurosat_ms"].pixels))
     torch.testing.assert_close(saved["features"]["clip_rgb"], expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(saved["features"]["clip_rgb"], patched_eval["saved"]["features"]["clip_rgb"], atol=1e-3)
-    assert E.default_out(E.parse_args(["--ckpt", finetuned]), "finetuned", C.Scenes(
+    flags = E.parse_args(["--ckpt", finetuned])
+    assert E.default_out(flags, E.resolve_checkpoint(flags), C.Scenes(
         "eurosat_ms", "r", "ms", [], [], (), split="test"), False).startswith(patched_run["ckpt"] + "-finetuned-eval-eurosat_ms-test-")
     weights = os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS)
     metrics, (row,) = cli(tmp_path, "--ckpt", weights, "--root", patched_run["root"], "--no-plots")
