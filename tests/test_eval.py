@@ -229,7 +229,8 @@ def test_a_file_of_a_stage1_folder_is_evaluated_as_what_it_is(patched_run, patch
                                                    pixels=C.DATA["eurosat_ms"].pixels))
     torch.testing.assert_close(saved["features"]["clip_rgb"], expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(saved["features"]["clip_rgb"], patched_eval["saved"]["features"]["clip_rgb"], atol=1e-3)
-    assert E.default_out(E.parse_args(["--ckpt", finetuned]), "finetuned", C.Scenes(
+    flags = E.parse_args(["--ckpt", finetuned])
+    assert E.default_out(flags, E.resolve_checkpoint(flags), C.Scenes(
         "eurosat_ms", "r", "ms", [], [], (), split="test"), False).startswith(patched_run["ckpt"] + "-finetuned-eval-eurosat_ms-test-")
     weights = os.path.join(patched_run["ckpt"], C.OPEN_CLIP_WEIGHTS)
     metrics, (row,) = cli(tmp_path, "--ckpt", weights, "--root", patched_run["root"], "--no-plots")
@@ -312,6 +313,25 @@ def test_cli_on_student_with_moved_teacher_and_no_init(patched_run, student_run,
     metrics, _ = cli(tmp_path, "--ckpt", str(tmp_path / "run"), "--root", patched_run["root"],  # the run folder
                      "--teacher", str(tmp_path / "moved"))
     assert list(metrics["metrics"]["modality_gap"]) == ["after"]
+    # args.json records the checkpoint as resolved: the folder's student.pt and the teacher passed
+    recorded = json.load(open(tmp_path / "eval" / "args.json"))["args"]
+    assert recorded["ckpt"] == str(tmp_path / "run" / "student.pt") and recorded["teacher"] == str(tmp_path / "moved")
+
+
+def test_the_checkpoint_is_resolved_without_rewriting_the_flags(patched_run, student_run):
+    """resolve_checkpoint says what --ckpt is (kind, file, model, teacher); the flags stay as given."""
+    meta = json.load(open(os.path.join(patched_run["out"], "patched.json")))
+    finetuned = os.path.join(patched_run["ckpt"], "finetuned.pt")
+    for argv, kind, path, model in [
+            ([], "baseline", None, ("ViT-B-32", "openai")),
+            (["--ckpt", finetuned], "finetuned", finetuned, (meta["model"], meta["pretrained"])),
+            (["--ckpt", student_run["out"]], "student", student_run["ckpt"], (meta["model"], meta["pretrained"]))]:
+        args = E.parse_args(argv)
+        given = dict(vars(args))
+        ckpt = E.resolve_checkpoint(args)
+        assert vars(args) == given and (ckpt.kind, ckpt.path, (ckpt.model, ckpt.pretrained)) == (kind, path, model)
+    assert os.path.samefile(ckpt.teacher, patched_run["ckpt"]) and ckpt.clip_meta == meta
+    assert ckpt.record["kind"] == "rsclip-align/student"
 
 
 # ============================================================================ bad input
