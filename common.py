@@ -118,7 +118,7 @@ def pick_device(name=None):
     except RuntimeError:
         raise UserError(f"--device {name} is not a torch device; pass cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this machine has no CUDA GPU; drop --device or pass cpu")
+        raise UserError(f"--device {name}: no CUDA GPU here; drop --device or pass cpu")
     return device
 
 
@@ -182,7 +182,7 @@ class Student(torch.nn.Module):
         return self.proj(self.backbone(x))
 
 
-OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's folder format (save_for_hf, "local-dir:")
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's folder format ("local-dir:")
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
@@ -193,8 +193,8 @@ def load_clip(model_name, pretrained, device="cpu"):
     import open_clip
     if model_name.startswith("local-dir:"):
         if not os.path.isfile(os.path.join(model_name[len("local-dir:"):], OPEN_CLIP_CONFIG)):
-            raise UserError(f"--model {model_name}: the folder holds no {OPEN_CLIP_CONFIG}; pass a "
-                            f"folder written by 01_patch_clip.py or open_clip's save_for_hf")
+            raise UserError(f"--model {model_name}: no {OPEN_CLIP_CONFIG} there; pass a folder "
+                            f"of 01_patch_clip.py or open_clip's save_for_hf")
         model = quietly(open_clip.create_model_and_transforms, model_name, device=device)[0]
         return model, open_clip.get_tokenizer(model_name), open_clip.get_model_config(model_name)
     if model_name not in open_clip.list_models():
@@ -216,8 +216,8 @@ def load_clip(model_name, pretrained, device="cpu"):
     except Exception as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if "PytorchStreamReader" in first or "zip archive" in first or "header" in first:
-            raise UserError(f"--pretrained {weights} cannot be read (truncated, or not a "
-                            f"checkpoint file); download or save it again")
+            raise UserError(f"--pretrained {weights} cannot be read (truncated, or not "
+                            f"weights); download or save it again")
         raise UserError(f"--pretrained {weights} does not fit {model_name} ({first}); pass the "
                         f"--model it was saved from")
     config = open_clip.get_model_config(model_name)
@@ -263,8 +263,8 @@ def tag_weights(model_name, tag_name, tag):
         quick = f" --model {model_name}-quickgelu" if tag.get("quick_gelu") else ""
         source = f"hf-hub:{repo}" if hub else url
         raise UserError(f"the '{tag_name}' weights of {model_name} are not cached and {host} "
-                        f"cannot be reached (offline?); fetch {source} where you can and pass "
-                        f"--pretrained FILE{quick}, or copy its Hugging Face cache folder here")
+                        f"cannot be reached (offline?); fetch {source} elsewhere and pass "
+                        f"--pretrained FILE{quick}, or --pretrained none for random weights")
     return quietly(download_pretrained, tag)
 
 
