@@ -29,8 +29,7 @@ RECALL_AT = (1, 5, 10, 20, 50)  # the official code's cut-offs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.Flags(__doc__)
     add = p.add_argument
     add("--ckpt", help="stage 1's run folder (a patched CLIP), stage 2's run folder or student.pt "
         "(a student) (default: none, the un-patched --model/--pretrained)")
@@ -43,20 +42,16 @@ def parse_args(argv=None):
         "README's data table (default: the checkpoint's own; eurosat for the baseline)")
     add("--root", help="folder of a single --data NAME (default: data/<name>, or the checkpoint's "
         "own folder)")
+    add("--download", action="store_true", help="download EuroSAT (RGB or MS) first")
     add("--split", default="test", choices=("test", "val", "all"), help="split to evaluate "
         "(official where there is one); 'all' only on data the models were not trained on "
         "(default: test)")
-    add("--split-seed", type=int, help="split seed (default: the checkpoint's on the scenes it was "
-        "trained on, else 0)")
+    add("--split-seed", type=C.number(int, 0), help="split seed (default: the checkpoint's on "
+        "the scenes it was trained on, else 0)")
     add("--prompts", help="JSON file of class names and/or templates (default: the checkpoint's on "
         "its own data set, else the data set's own; docs/evaluation.md)")
-    add("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
-    add("--device", help="torch device (default: cuda if available, else cpu)")
-    add("--workers", type=int, default=min(8, os.cpu_count() or 1),
-        help="loader processes (default: cores, up to 8)")
-    add("--cache", help="folder for packed, memory-mapped splits (default: none)")
-    add("--out", help="run folder (default: <checkpoint folder>-eval-<data>-<split>-<root hash>, "
-        "or runs/eval/<model>-<pretrained>-...); with several --data, a <data>-<split> each")
+    add("--batch-size", type=C.number(int, 1), default=256,
+        help="images per forward pass (default: 256)")
     add("--results", default="runs/results.jsonl",
         help="results log, a JSON line per evaluation (default: %(default)s)")
     add("--save-embeddings", action="store_true", help="also write OUT/embeddings.pt (embeddings, "
@@ -64,8 +59,6 @@ def parse_args(argv=None):
     add("--linear-probe", action="store_true", help="also fit a logistic-regression probe per "
         "encoder on the frozen train embeddings, C chosen on val, scored on test "
         "(docs/evaluation.md)")
-    add("--overwrite", action="store_true", help="replace a finished evaluation in --out")
-    add("--skip-bad-files", action="store_true", help="skip unreadable images, count them")
     add("--summary", nargs="?", const="runs/results.jsonl", metavar="RESULTS", help="only print "
         "the paper's table of a results log: top-1 (mAP) per model and data set, and the gain "
         "over the un-patched CLIP")
@@ -73,10 +66,9 @@ def parse_args(argv=None):
         help="markdown or csv (default: md)")
     add("--summary-plot", metavar="FILE",
         help="with --summary: also draw it as grouped bars into FILE.png")
-    add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    add("--no-plots", action="store_true",
-        help="draw no pictures (default: draw them when matplotlib is installed)")
-    add("--redraw", metavar="OUT", help="only draw the pictures of a finished evaluation again")
+    C.add_run_flags(p, None, "run folder (default: <checkpoint folder>-eval-<data>-<split>-<root "
+                    "hash>, or runs/eval/<model>-<pretrained>-...); with several --data, a "
+                    "<data>-<split> each", training=False)
     args = p.parse_args(argv)
     if args.summary_plot and not args.summary:
         p.error("--summary-plot draws the table of --summary; pass --summary too")
@@ -361,7 +353,7 @@ def data_specs(args, records):
 
 def plan_split(name, root, args, ckpt, records):
     """(split, case per encoder, probe splits). In full: docs/evaluation.md."""
-    scenes = C.list_scenes(name, root)
+    scenes = C.list_scenes(name, root, args.download)
     if ckpt.kind == "student":
         bands = tuple(ckpt.record.get("bands", C.S2_BANDS))
         if scenes.modality != "ms" or scenes.pixels.student_bands != bands:
@@ -562,7 +554,8 @@ def setting_of(ckpt, name, scenes, case, n_images, prompts, skipped, out):
             "teacher_sha256": meta["weights_sha256"] if ckpt.kind == "student" else None,
             "data": scenes.dataset, "root": os.path.abspath(scenes.root), "split": scenes.split,
             "split_seed": scenes.seed, "n_images": n_images, "n_classes": len(scenes.classes),
-            "classes": list(scenes.classes), "case": case, "prompts_sha256": C.sha256_of(prompts),
+            "classes": list(scenes.classes), "chance": scenes.chance, "case": case,
+            "prompts_sha256": C.sha256_of(prompts),
             "skipped_files": len(skipped), "out": os.path.abspath(out)}
 
 
@@ -771,11 +764,12 @@ def plot_modality_gap(folder):
             ax.scatter(*points.mean(axis=0), s=150, marker="o", facecolor="none", edgecolor=colour,
                        lw=1.5, zorder=2)
         ax.set(xlabel=f"PC 1 ({100 * ratio[0]:.0f}% of variance)",
-               ylabel=f"PC 2 ({100 * ratio[1]:.0f}% of variance)", aspect="equal",
+               ylabel=f"PC 2 ({100 * ratio[1]:.0f}% of variance)",
                title=f"{when} alignment\ncentroid distance {number(g['centroid_distance'])}; mean "
                f"cosine of\ntrue pairs {number(g['true_pair_cosine'])}, random pairs "
                f"{number(g['random_pair_cosine'])}")
         ax.title.set_fontsize(9)
+        ax.set_aspect("equal", adjustable="datalim")  # distances as they are, the panel filled
     axes[0].legend(fontsize=8)
     figure.suptitle(f"modality gap: normalised test embeddings, {len(pca['index'])} scenes, PCA "
                     "of both modalities")
@@ -795,10 +789,13 @@ def plot_zeroshot(folder):
                   for c in classes]
             ax.barh(np.arange(len(classes)) + k * height, ap, height,
                     label=f"{name} (mAP {100 * m['mean_average_precision']:.1f}%)")
+        if metrics.get("chance") is not None:  # random scores: each class's AP is its share
+            ax.plot([], [], " ", label=f"chance: mAP {100 * metrics['chance']:.1f}%")
         ax.set_yticks(np.arange(len(classes)) + 0.4 - height / 2, classes, fontsize=7)
         ax.invert_yaxis()
         ax.set(xlim=(0, 100), xlabel="average precision (%)",
-               title="zero-shot average precision per class (test)")
+               title=f"zero-shot average precision per class ({metrics.get('n_images', 'the')} "
+               f"test images)")
         ax.legend(fontsize=8)
         return figure
     figure, axes = C.new_figure(9, 5, ncols=len(zeroshot), sharey=True)
@@ -813,7 +810,8 @@ def plot_zeroshot(folder):
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("predicted class")
-        ax.set_title(f"{name}, zero-shot: top-1 {100 * m['acc1']:.1f}%", fontsize=10)
+        ax.set_title(f"{name}, zero-shot: top-1 {100 * m['acc1']:.1f}%\nof {counts.sum()} images "
+                     f"(chance {100 / len(classes):.0f}%)", fontsize=10)
     axes[0].set_ylabel("true class (test split)")
     figure.colorbar(image, ax=list(axes), shrink=0.7, label="fraction of the true class's images")
     return figure

@@ -9,7 +9,7 @@ import pytest
 import common as C
 from conftest import load_stage
 
-STAGES = ("01_patch_clip.py", "02_align_s2.py")  # 03_eval.py: after its flags move to C.number
+STAGES = ("01_patch_clip.py", "02_align_s2.py", "03_eval.py")
 
 
 def parser_of(stage, monkeypatch):
