@@ -279,7 +279,7 @@ def save_patched(work, model, clip_config, args, train, control, metrics):
     """The run's files: train_scenes.txt (stages 2 and 3 check them), the patched CLIP in
     open_clip's folder format, metrics.json and patched.json."""
     with open(os.path.join(work, "train_scenes.txt"), "w") as f:
-        f.writelines(f"{i}\n" for i in sorted(map(C.scene_id, train.files)))
+        f.writelines(f"{i}\n" for i in C.train_ids(train))
     weights = save_clip(model, clip_config, work)
     C.write_json(os.path.join(work, "metrics.json"), {**metrics, "control": control and {
         "dataset": control.dataset, "root": os.path.abspath(control.root),

@@ -342,7 +342,7 @@ def student_record(student, arch, meta, teacher, scenes):
             "scenes": C.scene_set(scenes.dataset, scenes.root), "split_seed": scenes.seed,
             "classes": scenes.classes, "classnames": list(scenes.classnames),
             "templates": list(scenes.templates),
-            "train_scenes": sorted(map(C.scene_id, scenes.files)),
+            "train_scenes": C.train_ids(scenes),
             "state_dict": student.state_dict()}
 
 

@@ -383,9 +383,15 @@ def plan_split(name, root, args, ckpt, records):
     # one head: the prompts the student, else its teacher, was trained with here
     split = C.head_prompts(C.take_split(scenes, args.split, seed),
                            [r["record"] for r in reversed(own)], args.prompts)
+    total, dropped = len(split.files), {r["path"]: trained_elsewhere(split, r)
+                                        for r in records if r not in own}
+    unseen = ~np.logical_or.reduce([np.zeros(total, bool), *dropped.values()])
+    split = split.subset(np.flatnonzero(unseen), split.split)
     if not split.files:
         other = [s for s in ("test", "val", "all") if s != args.split and (s != "all" or not own)]
-        raise C.UserError(f"the {args.split} split of {name} in {scenes.root} is empty; pass "
+        why = f" once the {total} scenes its models trained on in another release are dropped" \
+            if total else ""
+        raise C.UserError(f"the {args.split} split of {name} in {scenes.root} is empty{why}; pass "
                           f"--split {' or '.join(other)}, or add images")
     for record in own:
         C.check_held_out(split, record["train_scenes"](), record["path"])
@@ -398,11 +404,25 @@ def plan_split(name, root, args, ckpt, records):
                               "empty: add images, or drop --linear-probe")
     case = {"clip_rgb": "transfer"}
     for r in records:
-        n = copied.get(r["path"])
+        n, gone = copied.get(r["path"]), sum(dropped.get(r["path"], ()))
         case[r["encoder"]] = "transfer" if r not in own else "trained on" if not n else \
             f"trained on ({n} of its {len(ids)} scenes have the ids of its training scenes: a " \
             "copy of its training data)"
+        if gone:
+            case[r["encoder"]] += f" ({gone} of {total} scenes dropped: trained on in " \
+                f"{r['record']['dataset']}; {len(split.files)} remain)"
     return split, case, probe
+
+
+def trained_elsewhere(split, r):
+    """Which scenes of the split r's model trained on in another release of them (BigEarthNet v2.0
+    names each patch's v1.0 id: C.train_ids), a bool each."""
+    if not split.aliases and not C.DATA[r["record"]["dataset"]].renames:
+        return np.zeros(len(split.files), bool)
+    trained, own = r["train_scenes"](), C.scene_set(split.dataset, split.root)
+    aliases = split.aliases or [None] * len(split.files)
+    return np.array([a in trained or f"{own}:{C.scene_id(f)}" in trained
+                     for f, a in zip(split.files, aliases)], bool)
 
 
 def load_models(ckpt, device):

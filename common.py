@@ -484,6 +484,7 @@ class Scenes:
     official_split: list = None  # each file's split where the data set has official splits
     left_out: dict = field(default_factory=dict)  # reason -> number of scenes not listed
     unusable: dict = field(default_factory=dict)  # file -> reason found while listing
+    aliases: list = None  # each scene's id in the scene set its data set renames
 
     pixels = property(lambda self: DATA[self.dataset].pixels)
     multilabel = property(lambda self: self.labels is not None and self.labels.ndim == 2)
@@ -498,10 +499,9 @@ class Scenes:
         return 1 / len(self.classes)
 
     def subset(self, indices, split):
-        official = None if self.official_split is None else \
-            [self.official_split[i] for i in indices]
-        return replace(self, files=[self.files[i] for i in indices], labels=self.labels[indices],
-                       split=split, official_split=official)
+        take = lambda values: None if values is None else [values[i] for i in indices]
+        return replace(self, files=take(self.files), labels=self.labels[indices], split=split,
+                       official_split=take(self.official_split), aliases=take(self.aliases))
 
 
 def folder_classname(folder):
@@ -621,8 +621,8 @@ def list_bigearthnet(dataset, root, download=False, n_classes=19, s1=False):
     entries = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if (os.path.exists(os.path.join(root, "metadata.parquet")) or "BigEarthNet-S2" in entries
             or any(re.search(r"_N\d{4}_R\d{3}_T\w{5}$", d) for d in entries[:50])):
-        raise UserError(f"{root} looks like BigEarthNet v2.0 (reBEN), which this project does not "
-                        f"read; pass --root DIR of the BigEarthNet-S2 v1.0 archive")
+        raise UserError(f"{root} looks like BigEarthNet v2.0 (reBEN): pass --data "
+                        f"bigearthnet19_v2 (or 5_v2, 19_v2_s1), or --root DIR of the v1.0 archive")
     nomenclature = bigearthnet_nomenclature()
     index43 = {name: i for i, name in enumerate(nomenclature["labels43"])}
     classes = nomenclature[f"labels{n_classes}"]
@@ -676,7 +676,12 @@ def read_bigearthnet_s1(folder):
                       partner)
     if not os.path.isdir(s2):
         raise ValueError(f"has no Sentinel-2 partner: {partner} ({s2}) does not exist")
-    sar = []
+    return (*read_bigearthnet(s2), read_sar(folder))
+
+
+def read_sar(folder):
+    """A BigEarthNet-S1 patch folder (v1.0 or v2.0) as (120, 120, 2) float32 VV, VH in dB."""
+    name, sar = os.path.basename(folder.rstrip(os.sep)), []
     for band in BIGEARTHNET_S1:
         path = os.path.join(folder, f"{name}_{band}.tif")
         image = read_tif(path) if os.path.isfile(path) else None
@@ -684,7 +689,52 @@ def read_bigearthnet_s1(folder):
             found = "missing" if image is None else f"{image.dtype} {image.shape}"
             raise ValueError(f"band {path} is {found}, expected float32 (120, 120) dB")
         sar.append(image)
-    return (*read_bigearthnet(s2), np.stack(sar, axis=-1))
+    return np.stack(sar, axis=-1)
+
+
+def list_bigearthnet_v2(dataset, root, download=False, n_classes=19, s1=False):
+    """BigEarthNet v2.0 (reBEN): the patches root/metadata.parquet lists, in
+    root/BigEarthNet-S2/<tile>/<patch>/; with `s1`, '<S2 folder>#<S1 partner>' (docs/data.md)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"--data {dataset} reads metadata.parquet with pyarrow; pip install "
+                        "pyarrow")
+    path = os.path.join(root, "metadata.parquet")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; pass --root DIR holding BigEarthNet v2.0's "
+                        f"metadata.parquet and BigEarthNet-S2/ (v1.0: --data bigearthnet19)")
+    meta = pq.read_table(path, columns=["patch_id", "labels", "split", "s1_name", "s2v1_name"])
+    labels, nomenclature = pc.list_flatten(meta["labels"]), bigearthnet_nomenclature()
+    index = pc.index_in(labels, value_set=pa.array(nomenclature["labels19"]))
+    if index.null_count:
+        raise UserError(f"{path} has label {pc.filter(labels, pc.is_null(index))[0]}, not a "
+                        f"BigEarthNet-19 name; pass the release's metadata.parquet")
+    level1 = {v: nomenclature["map43to5"][k] for k, v in nomenclature["map43to19"].items()}
+    to_class = np.array([j if n_classes == 19 else level1[j] for j in range(19)])
+    targets = np.zeros((len(meta), n_classes), np.uint8)
+    targets[pc.list_parent_indices(meta["labels"]).to_numpy(), to_class[index.to_numpy()]] = 1
+    files = [f"BigEarthNet-S2/{p.rsplit('_', 2)[0]}/{p}" for p in meta["patch_id"].to_pylist()]
+    if s1:
+        files = [f"{f}#{name}" for f, name in zip(files, meta["s1_name"].to_pylist())]
+    classes = nomenclature[f"labels{n_classes}"]
+    return dict(root=root, classes=classes, classnames=[c.lower() for c in classes], files=files,
+                labels=targets, official_split=["val" if s == "validation" else s
+                                                for s in meta["split"].to_pylist()],
+                aliases=meta["s2v1_name"].to_pylist())
+
+
+def read_bigearthnet_v2_s1(path):
+    """A BigEarthNet v2.0 pair '<root>/BigEarthNet-S2/<tile>/<patch>#<S1 name>': the S2 patch's
+    arrays and its S1 partner's VV, VH (in root/BigEarthNet-S1/<S1 folder>/<S1 name>/)."""
+    s2, name = path.rsplit("#", 1)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(s2)))
+    folder = os.path.join(root, "BigEarthNet-S1", name.rsplit("_", 3)[0], name)
+    if not os.path.isdir(folder):
+        raise ValueError(f"has no Sentinel-1 partner: {name} ({folder}) does not exist")
+    return (*read_bigearthnet(s2), read_sar(folder))
 
 
 def sen12ms_targets(shares, threshold=0.1):
@@ -826,23 +876,24 @@ class DataSet:
     multilabel: bool = False  # (N, C) 0/1 targets: binary cross-entropy and mAP
     scenes: str = None  # the scenes its files show, shared by entries that are one set of
     #                     scenes in other bands or classes (EuroSAT); None: its own folder
+    renames: str = None  # the scene set it re-releases, which its Scenes.aliases name
 
 
 def _folders(**kw):
     return lambda name, root, download: list_class_folders(name, root, download, **kw)
 
 
-def _bigearthnet(n_classes, s1=False):
+def _bigearthnet(n_classes, s1=False, v2=False):
     def lister(name, root, download):
-        return list_bigearthnet(name, root, download, n_classes, s1)
-    if s1:
-        pixels = Pixels((*BIGEARTHNET_BANDS, tuple(BIGEARTHNET_S1)), L2A_RGB_MAX,
-                        sar=BIGEARTHNET_S1)
-        return DataSet("ms", "data", lister, read_bigearthnet_s1, GENERIC_TEMPLATES, pixels,
-                       official_splits=True, multilabel=True, scenes="bigearthnet")
-    return DataSet("ms", "data/BigEarthNet-v1.0", lister, read_bigearthnet, GENERIC_TEMPLATES,
-                   Pixels(BIGEARTHNET_BANDS, L2A_RGB_MAX), official_splits=True, multilabel=True,
-                   scenes="bigearthnet")
+        lists = list_bigearthnet_v2 if v2 else list_bigearthnet
+        return lists(name, root, download, n_classes, s1)
+    reader = (read_bigearthnet_v2_s1 if v2 else read_bigearthnet_s1) if s1 else read_bigearthnet
+    pixels = Pixels((*BIGEARTHNET_BANDS, tuple(BIGEARTHNET_S1)), L2A_RGB_MAX, BIGEARTHNET_S1) \
+        if s1 else Pixels(BIGEARTHNET_BANDS, L2A_RGB_MAX)
+    root = "data/BigEarthNet-v2.0" if v2 else "data" if s1 else "data/BigEarthNet-v1.0"
+    return DataSet("ms", root, lister, reader, GENERIC_TEMPLATES, pixels, official_splits=True,
+                   multilabel=True, scenes="bigearthnet_v2" if v2 else "bigearthnet",
+                   renames="bigearthnet" if v2 else None)
 
 
 DATA = {
@@ -863,6 +914,9 @@ DATA = {
     "bigearthnet43": _bigearthnet(43),
     "bigearthnet5": _bigearthnet(5),
     "bigearthnet19_s1": _bigearthnet(19, s1=True),
+    "bigearthnet19_v2": _bigearthnet(19, v2=True),  # BigEarthNet v2.0 (reBEN): docs/data.md
+    "bigearthnet5_v2": _bigearthnet(5, v2=True),  # level 1 of the 19, not of the 43 (v1.0's)
+    "bigearthnet19_v2_s1": _bigearthnet(19, s1=True, v2=True),
     "sen12ms": DataSet("ms", "data/SEN12MS", list_sen12ms, read_s2_tif, GENERIC_TEMPLATES,
                        Pixels((SEN12MS_BANDS,), L1C_RGB_MAX), official_splits=True,
                        multilabel=True),
@@ -894,6 +948,12 @@ def scene_id(file):
     """A scene's id: its path below the data root without extension (a jpg and a tif of one scene
     share it)."""
     return os.path.splitext(file)[0].replace(os.sep, "/")
+
+
+def train_ids(scenes):
+    """A training record's scenes: their ids and, for a re-release, '<first scene set>:<id>'."""
+    return sorted(map(scene_id, scenes.files)) + sorted(
+        f"{DATA[scenes.dataset].renames}:{i}" for i in scenes.aliases or ())
 
 
 def scene_hash(seed, scene):
