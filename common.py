@@ -370,7 +370,7 @@ def resize_and_crop(x, size, interpolation, clip_to=None, resize_mode="shortest"
     return TF.center_crop(x, list(target))  # crops, or pads with 0 where the image is smaller
 
 
-def clip_pixels(raw, preprocess_cfg, device, pixels=None):
+def clip_pixels(raw, preprocess_cfg, device, pixels=None, resize=True):
     """A raw batch as CLIP's pixels in [0, 1]: 8-bit RGB as is, or Sentinel-2 bands through
     rgb_composite; then open_clip's resize and centre crop."""
     if pixels is None:
@@ -379,18 +379,22 @@ def clip_pixels(raw, preprocess_cfg, device, pixels=None):
     else:
         x = rgb_composite(s2_bands(raw, pixels, device), pixels.rgb_max)
     cfg = preprocess_cfg
-    return resize_and_crop(x / 255.0, cfg["size"], cfg["interpolation"], clip_to=(0, 1),
+    return resize_and_crop(x / 255.0, cfg["size"] if resize else x.shape[-2:],
+                           cfg["interpolation"], clip_to=(0, 1),
                            resize_mode=cfg.get("resize_mode", "shortest"))
 
 
 def clip_input(raw, preprocess_cfg, device, pixels=None, augment=None):
     """CLIP's input from a raw batch: clip_pixels (each image of an ImageList alone, as open_clip's
-    transform), an optional `augment` of the [0, 1] batch, then the model's normalisation.
-    preprocess_cfg: model.visual.preprocess_cfg, as open_clip's validation transform uses it."""
+    transform), an optional `augment` of the [0, 1] batch (.crops: as read), then the model's
+    normalisation. preprocess_cfg: model.visual.preprocess_cfg, as open_clip's validation transform
+    uses it."""
+    resize = not getattr(augment, "crops", False)
     if isinstance(raw, ImageList):
-        x = torch.cat([clip_pixels(image[None], preprocess_cfg, device) for image in raw])
+        x = [clip_pixels(image[None], preprocess_cfg, device, resize=resize)[0] for image in raw]
+        x = torch.stack(x) if resize else x
     else:
-        x = clip_pixels(raw, preprocess_cfg, device, pixels)
+        x = clip_pixels(raw, preprocess_cfg, device, pixels, resize)
     if augment is not None:
         x = augment(x)
     return TF.normalize(x, list(preprocess_cfg["mean"]), list(preprocess_cfg["std"]))
