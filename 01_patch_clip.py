@@ -152,7 +152,7 @@ def finetune_batches(dataset, preprocess_cfg, epoch, step, total_steps, args, de
 def augmentation(kind, seed, step, size=None):
     """--augment, a function of a [0, 1] batch: 'flip' random horizontal and vertical flips
     (remote-sensing tiles have no upright); 'official' the official code's: open_clip's
-    RandomResizedCrop(size, (0.9, 1)) of the images as read (.crops), the flips, then per
+    RandomResizedCrop(size, (0.9, 1)) of the images as read, the flips, then per
     image ColorJitter(0.4, 0.4, 0.4) with p 0.8, RandomGrayscale p 0.2 and GaussianBlur (kernel
     3x7, sigma 0.1-2) with p 0.4; 'none' (None). Drawn from (seed, step) alone, so a resumed run
     augments the same images alike."""

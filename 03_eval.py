@@ -6,7 +6,7 @@
     python 03_eval.py --model ViT-B-32 --pretrained openai --data eurosat   # un-patched baseline
     python 03_eval.py --summary                             # the paper's table, runs/results.jsonl
 
-What it measures and writes, and how: docs/evaluation.md; the authors' weights: docs/released.md.
+What it measures and writes, and how: docs/evaluation.md; released weights: docs/released.md.
 """
 import argparse
 import dataclasses
@@ -269,12 +269,12 @@ class Checkpoint:
     record: dict | None = None
     clip_meta: dict | None = None  # the CLIP's patched.json
     init: str | None = None
-    released: tuple = ()  # which of path and teacher the authors released
+    released: tuple = ()  # the authors' files among them
 
 
 def resolve_checkpoint(args):
     """What --ckpt is, before a model is loaded. In full: docs/evaluation.md."""
-    base = (args.model, args.pretrained)  # of a released file
+    base = (args.model, args.pretrained)
     wrong = C.UserError("--teacher, --model, --pretrained, --name: not for this checkpoint")
     if args.name if args.ckpt else args.teacher:
         raise wrong
@@ -301,14 +301,14 @@ def resolve_checkpoint(args):
         path = os.path.join(path, "student.pt")
     record = C.load_torch(path, "--ckpt", CKPT_HINT) if path.endswith(".pt") else None
     theirs = isinstance(record, dict) and isinstance(record.get("model"), dict)
-    if theirs and C.STUDENT_KEY not in record["model"]:  # the authors' CLIP
+    if theirs and C.STUDENT_KEY not in record["model"]:  # their CLIP
         if args.teacher:
             raise wrong
         meta = C.released_meta(path, *base)
         kind = "finetuned" if meta["alpha"] == 1 else "patched" if meta["alpha"] else "baseline"
         return Checkpoint(kind, path, meta["model"], meta["pretrained"],
                           clip_meta=meta if meta["alpha"] else None, released=(path,))
-    if theirs:  # a student
+    if theirs:
         record, teacher = C.released_meta(path, *base), args.teacher
         init = C.RELEASED_NAME.sub("_zs.pt", path)
         if not teacher:
@@ -320,7 +320,7 @@ def resolve_checkpoint(args):
         init = os.path.join(os.path.dirname(path), "student_init.pt")
     if not (os.path.isfile(init) and init != path and (not theirs or (
             C.STUDENT_KEY in C.load_torch(init, "", "")["model"]))):
-        init = None  # or it is the CLIP's (both stages write ..._zs.pt)
+        init = None  # or the CLIP's: both stages write ..._zs.pt
     released, meta = (path,) * theirs + (teacher,) * C.released(teacher), None
     if teacher != "base" or not theirs:
         if not os.path.exists(teacher):
@@ -432,14 +432,15 @@ def plan_split(name, root, args, ckpt, records):
 
 
 def load_models(ckpt, device):
-    """The CLIP and its tokenizer; a student and its untrained start (ckpt.init)."""
+    """The CLIP and its tokenizer; a student and its start (ckpt.init)."""
     student = ckpt.kind == "student"
     path = ckpt.teacher if student else ckpt.path
     if path in (None, "base"):
         clip, tokenizer, _ = C.load_clip(ckpt.model, ckpt.pretrained, device)
     else:
         clip, _, tokenizer = C.load_teacher(path, device, "--teacher" if student else "--ckpt",
-                                            (ckpt.model, ckpt.pretrained) * (path in ckpt.released))
+                                            (ckpt.model, ckpt.pretrained) * (path in ckpt.released),
+                                            ckpt.clip_meta)
     if ckpt.kind == "finetuned" and not ckpt.released:  # the fine-tuned image tower
         clip.visual.load_state_dict(C.load_torch(ckpt.path, "--ckpt", "re-run 01_patch_clip.py"))
     models = {"clip": clip.eval(), "tokenizer": tokenizer}
@@ -454,7 +455,7 @@ RELEASED_STUDENT = "vit_small_patch16_224"
 
 
 def load_released_student(path, dim, teacher):
-    """A student the authors released, reading their input (docs/released.md)."""
+    """A released student, reading their input (docs/released.md)."""
     student = C.Student(RELEASED_STUDENT, dim)
     visual = torch.nn.ModuleDict({"trunk": student.backbone, "head": student.proj})
     n = C.load_released(torch.nn.ModuleDict({"visual": visual}), path, "student",

@@ -284,11 +284,11 @@ def patched_folder(path, flag="--teacher"):
     return folder
 
 
-def load_teacher(path, device, flag="--teacher", base=()):
+def load_teacher(path, device, flag="--teacher", base=(), meta=None):
     """A patched CLIP, its patched.json, tokenizer: stage 1's run folder ("local-dir:"), or a
     released file over its base CLIP (base: model, pretrained)."""
     if released(path):
-        meta = released_meta(path, *base)
+        meta = meta or released_meta(path, *base)
         clip, tokenizer, _ = load_clip(meta["model"], meta["pretrained"], device)
         n = load_released(clip, path, flag, ("transformer.",))
         print(f"{flag} {path}: ignored optimizer, scaler, {n} keys")
@@ -309,7 +309,7 @@ def load_teacher(path, device, flag="--teacher", base=()):
 
 
 def trained_scenes(meta, path):
-    """A checkpoint's training scenes (a released file's: presumed, docs/released.md)."""
+    """Training scenes of a checkpoint (released: presumed)."""
     if meta["kind"] == "rsclip-align/patched-clip":
         return read_scenes(os.path.join(patched_folder(path), meta["train_scenes"]),
                            meta["train_scenes_sha256"])
@@ -318,7 +318,7 @@ def trained_scenes(meta, path):
 
 
 RELEASED_NAME = re.compile(r"_(paint_(\d)(\d+)|ft_\d+|al_\d+|zs)\.pt$")
-STUDENT_KEY = "visual.trunk.patch_embed.proj.weight"  # a student's
+STUDENT_KEY = "visual.trunk.patch_embed.proj.weight"
 released = lambda path: os.path.isfile(path) and not os.path.isfile(os.path.join(
     os.path.dirname(path) or ".", "patched.json"))
 
@@ -333,8 +333,8 @@ def released_meta(path, model=None, pretrained=None):
     tag = stem[len(named) + 1:]
     model, pretrained = model or named, pretrained or tag
     if not (model and pretrained):
-        raise UserError(f"{path}: not {PATCHED_HINT}, nor named as the authors' files; pass "
-                        f"--model, --pretrained")
+        raise UserError(f"{path}: not {PATCHED_HINT} or a released file's name; pass --model, "
+                        f"--pretrained")
     if tag == "openai" and os.path.isfile(pretrained) and f"{model}-quickgelu" in models:
         model += "-quickgelu"
         print(f"{path}: QuickGELU, as open_clip 2.x built 'openai'")
@@ -344,10 +344,10 @@ def released_meta(path, model=None, pretrained=None):
             "classes": bigearthnet_nomenclature()["labels19"], "weights_sha256": sha256_of(path)}
 
 
-def load_released(model, path, what, keep=(), fix="pass the --model/--pretrained of its base"):
+def load_released(model, path, what, keep=(), fix="pass its base's --model/--pretrained"):
     """A released file into `model`, strictly but for keys starting with `keep`; returns how many
     it ignored."""
-    state, own = load_torch(path, what, "pass a file the authors released"), model.state_dict()
+    state, own = load_torch(path, what, "pass their file"), model.state_dict()
     state = state.get("model") if isinstance(state, dict) else None
     if not isinstance(state, dict) or (STUDENT_KEY in state) != (STUDENT_KEY in own):
         raise UserError(f"{what} {path} is not the authors' "
