@@ -61,8 +61,9 @@ def parse_args(argv=None):
     add("--grad-clip", type=C.number(float, 0, above=True), default=1.0,
         help="max gradient L2 norm (default: 1.0)")
     add("--augment", default="flip", choices=("flip", "official", "none"), help="augmentation "
-        "in fine-tuning: random flips; the official code's flips, colour jitter, grey scale and "
-        "blur; none (default: flip)")
+        "in fine-tuning: random flips; the official code's: open_clip's RandomResizedCrop (0.9-1) "
+        "of the image as read for its resize and crop, flips, colour jitter, grey scale, blur; "
+        "none (default: flip)")
     add("--alphas", type=C.number(float, 0, 1), nargs="+", default=[i / 10 for i in range(11)],
         help="interpolation weights to evaluate (default: 0, 0.1, ..., 1)")
     add("--alpha", type=C.number(float, 0, 1), default=0.5,
@@ -140,7 +141,7 @@ def finetune_batches(dataset, preprocess_cfg, epoch, step, total_steps, args, de
     CLIP's input (augmented per step) and the labels, on the device."""
     for batch in C.batch_loader(dataset, args.batch_size, train=True, seed=args.seed,
                                 epoch=epoch, workers=args.workers, desc=f"epoch {epoch}"):
-        augment = augmentation(args.augment, args.seed, step)
+        augment = augmentation(args.augment, args.seed, step, preprocess_cfg["size"])
         yield (C.clip_input(batch["images"], preprocess_cfg, device, dataset.scenes.pixels,
                             augment), batch["labels"].to(device))
         step += 1
@@ -148,13 +149,14 @@ def finetune_batches(dataset, preprocess_cfg, epoch, step, total_steps, args, de
             return
 
 
-def augmentation(kind, seed, step):
+def augmentation(kind, seed, step, size=None):
     """--augment, a function of a [0, 1] batch: 'flip' random horizontal and vertical flips
-    (remote-sensing tiles have no upright); 'official' the official code's: the flips, then per
+    (remote-sensing tiles have no upright); 'official' the official code's: open_clip's
+    RandomResizedCrop(size, (0.9, 1)) of the images as read, the flips, then per
     image ColorJitter(0.4, 0.4, 0.4) with p 0.8, RandomGrayscale p 0.2 and GaussianBlur (kernel
     3x7, sigma 0.1-2) with p 0.4; 'none' (None). Drawn from (seed, step) alone, so a resumed run
     augments the same images alike."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import RandomResizedCrop, v2
     colour = v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4)], p=0.8),
                          v2.RandomGrayscale(p=0.2),
                          v2.RandomApply([v2.GaussianBlur((3, 7), sigma=(0.1, 2.0))], p=0.4)])
@@ -162,10 +164,17 @@ def augmentation(kind, seed, step):
     def augment(x):
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
             torch.manual_seed(seed * 1000003 + step)
+            if kind == "official":
+                boxes = [RandomResizedCrop.get_params(image, [0.9, 1], [3 / 4, 4 / 3])
+                         for image in x]
+                x = torch.stack([C.resize_and_crop(image[:, i:i + h, j:j + w], size, "bicubic",
+                                                   (0, 1), "squash") for image, (i, j, h, w)
+                                 in zip(x, boxes)])
             flip_h, flip_v = (torch.rand(2, len(x)) < 0.5).to(x.device)[:, :, None, None, None]
             x = torch.where(flip_h, x.flip(-1), x)
             x = torch.where(flip_v, x.flip(-2), x)
             return torch.stack([colour(image) for image in x]) if kind == "official" else x
+    augment.crops = kind == "official"
     return None if kind == "none" else augment
 
 

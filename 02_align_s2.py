@@ -28,16 +28,15 @@ import torch.nn.functional as F
 import common as C
 
 STAGE = "02_align_s2.py"
-# Band order of the SSL4EO-S12 L1C pretraining data (B8A right after B08).
-SSL4EO_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10",
-                "B11", "B12")
 
 
 def parse_args(argv=None):
     p = C.Flags(__doc__)
     add = p.add_argument
-    add("--teacher", default="runs/patch", help="stage 1's run folder, the patched CLIP "
-        "(default: runs/patch)")
+    add("--teacher", default="runs/patch", help="stage 1's run folder, or a released patched "
+        "CLIP file (default: runs/patch)")
+    add("--model", help="a released teacher's base model (default: its name's)")
+    add("--pretrained", help="its tag or weights file (default: its name's)")
     add("--data", default="eurosat_ms", help="Sentinel-2 data set: eurosat_ms, "
         "bigearthnet19/43/5, ... (default: eurosat_ms)")
     add("--root", help="its folder (default: data/<name>, see README)")
@@ -169,7 +168,8 @@ def run(args):
     C.check_run(args.out, STAGE, args.resume, args.overwrite)
 
     # ------------------------------------------------------------------ teacher
-    teacher, meta, tokenizer = C.load_teacher(args.teacher, device)
+    teacher, meta, tokenizer = C.load_teacher(args.teacher, device, base=(args.model,
+                                                                          args.pretrained))
     teacher.requires_grad_(False)
     logit_scale = teacher.logit_scale.detach()
 
@@ -180,10 +180,8 @@ def run(args):
         raise C.UserError(f"the student reads Sentinel-2 bands, --data {args.data} is RGB; pass "
                           + " or ".join(f"--data {n}" for n in C.MS_DATASETS))
     val = C.load_split(args.data, train.root, "val", meta["split_seed"])
-    teacher_scenes = C.read_scenes(  # the teacher chose alpha on val: it never trained on it
-        os.path.join(C.patched_folder(args.teacher), meta["train_scenes"]),
-        meta["train_scenes_sha256"])
-    C.check_held_out(val, teacher_scenes, f"--teacher {args.teacher}")
+    # the teacher chose alpha on val: it never trained on it
+    C.check_held_out(val, C.trained_scenes(meta, args.teacher), f"--teacher {args.teacher}")
     # the CE term's prompts: the teacher's on the scenes it was patched on, else the data set's
     train = C.head_prompts(train, [meta] if C.trained_on(meta, train) else [], args.prompts)
     # the frozen text head W of the CE term: the teacher's text tower on these prompts
@@ -299,7 +297,7 @@ def load_backbone_weights(student, path, bands):
               f"base encoder")
     proj = "patch_embed.proj.weight"
     if proj in loaded and bands == "ssl4eo" and loaded[proj].shape[1] == len(C.S2_BANDS):
-        loaded[proj] = loaded[proj][:, [SSL4EO_BANDS.index(b) for b in C.S2_BANDS]]
+        loaded[proj] = loaded[proj][:, [C.SSL4EO_BANDS.index(b) for b in C.S2_BANDS]]
     if "pos_embed" in loaded and loaded["pos_embed"].shape != target["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
         grid = student.backbone.patch_embed.grid_size

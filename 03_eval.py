@@ -6,7 +6,7 @@
     python 03_eval.py --model ViT-B-32 --pretrained openai --data eurosat   # un-patched baseline
     python 03_eval.py --summary                             # the paper's table, runs/results.jsonl
 
-What it measures and writes, and how: docs/evaluation.md.
+What it measures and writes, and how: docs/evaluation.md; released weights: docs/released.md.
 """
 import argparse
 import dataclasses
@@ -33,11 +33,16 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--ckpt", help="stage 1's run folder (a patched CLIP), stage 2's run folder or student.pt "
         "(a student) (default: none, the un-patched --model/--pretrained)")
-    add("--model", help="open_clip model of the un-patched baseline (default: ViT-B-32)")
+    add("--model", help="open_clip model of the un-patched baseline, or base of a released file "
+        "(default: ViT-B-32; its name's)")
     add("--pretrained", help="its open_clip tag, weights file, or 'none' (default: openai)")
     add("--name", help="the un-patched model's name in --summary, e.g. RemoteCLIP for its weights "
         "file (default: CLIP and the tag, or the weights file's name)")
-    add("--teacher", help="a student's teacher, a stage-1 run folder (default: the one it records)")
+    add("--teacher", help="a student's teacher, a stage-1 run folder (default: the one it "
+        "records); a released student's: their patched CLIP or 'base'")
+    add("--student-init", help="the untrained student (default: the one beside it)")
+    add("--rgb-scale", type=C.number(float, 0, above=True), help="N of the RGB composite's x "
+        "255/N (default: the data set's; the official SEN12MS: 2000)")
     add("--data", nargs="+", metavar="NAME[=ROOT]", help="data sets to evaluate, NAME one of the "
         "README's data table (default: the checkpoint's own; eurosat for the baseline)")
     add("--root", help="folder of a single --data NAME (default: data/<name>, or the checkpoint's "
@@ -263,19 +268,18 @@ class Checkpoint:
     teacher: str | None = None
     record: dict | None = None
     clip_meta: dict | None = None  # the CLIP's patched.json
+    init: str | None = None
+    released: tuple = ()  # the authors' files among them
 
 
 def resolve_checkpoint(args):
     """What --ckpt is, before a model is loaded. In full: docs/evaluation.md."""
-    teacher_error = C.UserError("--teacher is for a student checkpoint; drop it or pass --ckpt "
-                                "OUT/student.pt")
+    base = (args.model, args.pretrained)
+    wrong = C.UserError("--teacher, --model, --pretrained, --name: not for this checkpoint")
+    if args.name if args.ckpt else args.teacher:
+        raise wrong
     if args.ckpt is None:
-        if args.teacher:
-            raise teacher_error
         return Checkpoint("baseline", None, args.model or "ViT-B-32", args.pretrained or "openai")
-    if args.model or args.pretrained or args.name:
-        raise C.UserError("--model/--pretrained/--name are for the un-patched baseline; a --ckpt "
-                          "records its own model, drop them")
     if not os.path.exists(args.ckpt):
         raise C.UserError(f"--ckpt {args.ckpt} does not exist; {CKPT_HINT}")
     path = args.ckpt
@@ -283,8 +287,8 @@ def resolve_checkpoint(args):
     name = os.path.basename(path)
     if os.path.isfile(os.path.join(folder, "patched.json")) and (folder == path or name in (
             "patched.json", C.OPEN_CLIP_CONFIG, C.OPEN_CLIP_WEIGHTS, "finetuned.pt")):
-        if args.teacher:
-            raise teacher_error
+        if args.teacher or any(base):
+            raise wrong
         meta = C.read_json(os.path.join(folder, "patched.json"))
         kind = "finetuned" if name == "finetuned.pt" else "patched"
         return Checkpoint(kind, path, meta.get("model"), meta.get("pretrained"), clip_meta=meta)
@@ -296,18 +300,41 @@ def resolve_checkpoint(args):
                               f"holds {', '.join(inside) or 'no checkpoint files'}); {CKPT_HINT}")
         path = os.path.join(path, "student.pt")
     record = C.load_torch(path, "--ckpt", CKPT_HINT) if path.endswith(".pt") else None
-    if not isinstance(record, dict) or record.get("kind") != "rsclip-align/student":
+    theirs = isinstance(record, dict) and isinstance(record.get("model"), dict)
+    if theirs and C.STUDENT_KEY not in record["model"]:  # their CLIP
+        if args.teacher:
+            raise wrong
+        meta = C.released_meta(path, *base)
+        kind = "finetuned" if meta["alpha"] == 1 else "patched" if meta["alpha"] else "baseline"
+        return Checkpoint(kind, path, meta["model"], meta["pretrained"],
+                          clip_meta=meta if meta["alpha"] else None, released=(path,))
+    if theirs:
+        record, teacher = C.released_meta(path, *base), args.teacher
+        init = C.RELEASED_NAME.sub("_zs.pt", path)
+        if not teacher:
+            raise C.UserError(f"--ckpt {path}: pass --teacher FILE (their patched CLIP) or base")
+    elif not isinstance(record, dict) or record.get("kind") != "rsclip-align/student":
         raise C.UserError(f"--ckpt {path} is of an unknown kind; {CKPT_HINT}")
-    teacher = args.teacher or record["teacher"]["path"]
-    if not os.path.exists(teacher):
-        raise C.UserError(f"the student's teacher {teacher} does not exist; pass --teacher FOLDER, "
-                          "the stage-1 run folder the student was aligned to")
-    meta = C.read_json(os.path.join(C.patched_folder(teacher), "patched.json"))
-    if meta.get("weights_sha256") != record["teacher"]["weights_sha256"]:
+    else:
+        teacher = args.teacher or record["teacher"]["path"]
+        init = os.path.join(os.path.dirname(path), "student_init.pt")
+    if not (os.path.isfile(init) and init != path and (not theirs or (
+            C.STUDENT_KEY in C.load_torch(init, "", "")["model"]))):
+        init = None  # or the CLIP's: both stages write ..._zs.pt
+    released, meta = (path,) * theirs + (teacher,) * C.released(teacher), None
+    if teacher != "base" or not theirs:
+        if not os.path.exists(teacher):
+            raise C.UserError(f"the student's teacher {teacher} does not exist; pass --teacher "
+                              "FOLDER, the stage-1 run folder the student was aligned to")
+        meta = C.released_meta(teacher, *base) if teacher in released else \
+            C.read_json(os.path.join(C.patched_folder(teacher), "patched.json"))
+    if not theirs and meta["weights_sha256"] != record["teacher"]["weights_sha256"]:
         raise C.UserError(f"{teacher} is not the CLIP that {path} was aligned to (other weights); "
                           "pass --teacher FOLDER of that stage-1 run")
-    return Checkpoint("student", path, meta.get("model"), meta.get("pretrained"), teacher, record,
-                      meta)
+    if any(base) and not released:
+        raise wrong
+    return Checkpoint("student", path, (meta or record)["model"], (meta or record)["pretrained"],
+                      teacher, record, meta, args.student_init or init, released)
 
 
 def trainings(ckpt):
@@ -315,13 +342,12 @@ def trainings(ckpt):
     out, meta, record = [], ckpt.clip_meta, ckpt.record
     if meta is not None:
         path = ckpt.teacher if ckpt.kind == "student" else ckpt.path
-        file = os.path.join(C.patched_folder(path), meta["train_scenes"])
         out.append({"path": path, "encoder": "clip_rgb", "record": meta, "seed": meta["split_seed"],
-                    "train_scenes": lambda: C.read_scenes(file, meta["train_scenes_sha256"])})
+                    "train_scenes": lambda: C.trained_scenes(meta, path)})
     if ckpt.kind == "student":
         out.append({"path": ckpt.path, "encoder": "student_ms", "record": record,
                     "seed": record["split_seed"],
-                    "train_scenes": lambda: set(record.get("train_scenes", ()))})
+                    "train_scenes": lambda: C.trained_scenes(record, ckpt.path)})
     return out
 
 
@@ -426,21 +452,37 @@ def trained_elsewhere(split, r):
 
 
 def load_models(ckpt, device):
-    """The CLIP and its tokenizer; a student and student_init.pt beside it."""
-    if ckpt.kind == "baseline":
-        clip, tokenizer, _ = C.load_clip(ckpt.model, ckpt.pretrained, device)
-        return {"clip": clip.eval(), "tokenizer": tokenizer}
+    """The CLIP and its tokenizer; a student and its start (ckpt.init)."""
     student = ckpt.kind == "student"
-    clip, _, tokenizer = C.load_teacher(ckpt.teacher if student else ckpt.path, device,
-                                        "--teacher" if student else "--ckpt")
-    if ckpt.kind == "finetuned":  # the fine-tuned image tower
+    path = ckpt.teacher if student else ckpt.path
+    if path in (None, "base"):
+        clip, tokenizer, _ = C.load_clip(ckpt.model, ckpt.pretrained, device)
+    else:
+        clip, _, tokenizer = C.load_teacher(path, device, "--teacher" if student else "--ckpt",
+                                            (ckpt.model, ckpt.pretrained) * (path in ckpt.released),
+                                            ckpt.clip_meta)
+    if ckpt.kind == "finetuned" and not ckpt.released:  # the fine-tuned image tower
         clip.visual.load_state_dict(C.load_torch(ckpt.path, "--ckpt", "re-run 01_patch_clip.py"))
-    models = {"clip": clip, "tokenizer": tokenizer}
-    init = os.path.join(os.path.dirname(ckpt.path), "student_init.pt")
-    for name, path in (("student", ckpt.path), ("student_init", init)):
-        if student and os.path.isfile(path):
-            models[name] = load_student(path).to(device)
+    models = {"clip": clip.eval(), "tokenizer": tokenizer}
+    for name, path in (("student", ckpt.path), ("student_init", ckpt.init)):
+        if student and path:
+            models[name] = (load_released_student(path, clip.visual.output_dim, ckpt.teacher)
+                            if ckpt.path in ckpt.released else load_student(path)).to(device)
     return models
+
+
+RELEASED_STUDENT = "vit_small_patch16_224"
+
+
+def load_released_student(path, dim, teacher):
+    """A released student, reading their input (docs/released.md)."""
+    student = C.Student(RELEASED_STUDENT, dim)
+    visual = torch.nn.ModuleDict({"trunk": student.backbone, "head": student.proj})
+    n = C.load_released(torch.nn.ModuleDict({"visual": visual}), path, "student",
+                        fix=f"its teacher {teacher} embeds in {dim}-d; pass its own")
+    print(f"{path}: ignored optimizer, scaler, {n} keys")
+    student.authors = True
+    return student.eval()
 
 
 def load_student(path):
@@ -464,8 +506,8 @@ def default_out(args, ckpt, scenes, several):
         return os.path.join(args.out, name) if several else args.out
     name += "-" + C.sha256_of(os.path.realpath(scenes.root))[:8]
     if ckpt.path:
-        folder = ckpt.path if os.path.isdir(ckpt.path) else \
-            os.path.dirname(os.path.abspath(ckpt.path))
+        folder = ckpt.path if os.path.isdir(ckpt.path) else os.path.splitext(ckpt.path)[0] \
+            if ckpt.path in ckpt.released else os.path.dirname(os.path.abspath(ckpt.path))
         finetuned = "finetuned-" if ckpt.kind == "finetuned" else ""
         return f"{os.path.normpath(folder)}-{finetuned}eval-{name}"
     # a name or a local-dir's folder; a tag or a weights file's name
@@ -558,20 +600,22 @@ def print_table(title, columns, rows):
         print(f"{name:<{first}}" + "".join(f"{shown(v):>{w}}" for v, w in zip(values, widths)))
 
 
-def setting_of(ckpt, name, scenes, case, n_images, prompts, skipped, out):
+def setting_of(ckpt, name, scenes, case, n_images, prompts, skipped, out, rgb_scale):
     """What was evaluated on what: metrics.json's fields."""
     weights = ckpt.path or ckpt.pretrained  # a baseline's tag, or weights file
     weights_sha256 = C.sha256_of(weights) if os.path.isfile(weights) else None
     if ckpt.kind == "baseline" and weights_sha256 and not name:
         name = os.path.splitext(os.path.basename(weights))[0]
-    path = C.patched_folder(ckpt.path, "--ckpt") if ckpt.kind == "patched" else ckpt.path
-    meta = ckpt.clip_meta or {}
+    path = C.patched_folder(ckpt.path, "--ckpt") if ckpt.kind == "patched" and not \
+        ckpt.released else ckpt.path
+    meta, teacher = ckpt.clip_meta or {}, ckpt.teacher
     return {"ckpt": os.path.abspath(path) if path else None, "ckpt_kind": ckpt.kind,
             "ckpt_sha256": meta["weights_sha256"] if ckpt.kind == "patched" else weights_sha256,
             "model": ckpt.model, "pretrained": ckpt.pretrained,
             "name": f"{name} ({ckpt.model})" if name else None,
-            "teacher": os.path.abspath(ckpt.teacher) if ckpt.teacher else None,
-            "teacher_sha256": meta["weights_sha256"] if ckpt.kind == "student" else None,
+            "teacher": teacher if teacher in (None, "base") else os.path.abspath(teacher),
+            "teacher_sha256": meta.get("weights_sha256") if ckpt.kind == "student" else None,
+            "rgb_scale": rgb_scale,
             "data": scenes.dataset, "root": os.path.abspath(scenes.root), "split": scenes.split,
             "split_seed": scenes.seed, "n_images": n_images, "n_classes": len(scenes.classes),
             "classes": list(scenes.classes), "chance": scenes.chance, "case": case,
@@ -627,10 +671,12 @@ def append_jsonl(path, row):
 def summary_rows(lines):
     """The paper's table from results-log lines. In full: docs/evaluation.md."""
     cells, baselines, names = {}, {}, {}
-    named = lambda what, path: f"{what} {shown_path(path)}"
+    named = lambda what, path: f"{what} {shown_path(path)}" + " (released by the authors)" * bool(
+        C.RELEASED_NAME.search(path))
     for line in lines:
         official = line["data"] in C.DATA and C.DATA[line["data"]].official_splits
-        column = (line["data"], line["split"], line["n_images"], line.get("prompts_sha256"),
+        rgb = f" x 255/{line['rgb_scale']:g}" if line.get("rgb_scale") else ""
+        column = (line["data"] + rgb, line["split"], line["n_images"], line.get("prompts_sha256"),
                   line.get("root"),
                   None if official or line["split"] == "all" else line.get("split_seed"))
         base = (line["model"].removesuffix("-quickgelu"), line["pretrained"])
@@ -638,13 +684,13 @@ def summary_rows(lines):
         teacher = line.get("teacher_sha256") or line["teacher"]
         probe_column = (*column[:3], None, *column[4:], "linear probe")
         kind = line["ckpt_kind"]
-        if kind == "baseline":
-            rows = [("clip_rgb", ("baseline", *base, ckpt),
-                     line.get("name") or f"CLIP {base[0]} ({base[1]})")]
-        elif kind == "student":
-            rows = [("clip_rgb", ("patched", teacher), named("patched CLIP", line["teacher"])),
-                    ("student_ms", ("student", ckpt), named("student", line["ckpt"]))]
-        else:
+        rows = [("clip_rgb", ("baseline", *base, None if kind == "student" else ckpt),
+                 line.get("name") or f"CLIP {base[0]} ({base[1]})")]
+        if kind == "student":
+            rows = rows * (line["teacher"] == "base") or [
+                ("clip_rgb", ("patched", teacher), named("patched CLIP", line["teacher"]))]
+            rows.append(("student_ms", ("student", ckpt), named("student", line["ckpt"])))
+        elif kind != "baseline":
             what = "patched CLIP" if kind == "patched" else "fine-tuned CLIP"
             rows = [("clip_rgb", (kind, ckpt), named(what, line["ckpt"]))]
         for encoder, row, name in rows:
@@ -653,7 +699,7 @@ def summary_rows(lines):
                                  line.get(f"{task}/{encoder}/mean_average_precision"))
                 if value is not None:
                     cells[row, col], names[row] = (100 * value, base), name
-                    if kind == "baseline":
+                    if row[0] == "baseline":
                         baselines[base, col] = 100 * value
     table = {}
     for (row, column), (value, base) in cells.items():
@@ -886,7 +932,9 @@ def evaluate(scenes, case, dataset, probe, work, models, ckpt, args, device):
     head = C.zeroshot_head(clip, models["tokenizer"], scenes.classnames, scenes.templates,
                            device).cpu()
     logit_scale = clip.logit_scale.detach().float().cpu()
-    encoders = {"clip_rgb": C.clip_encoder(clip, scenes.pixels, device)}
+    rgb_scale = scenes.pixels and args.rgb_scale
+    pixels = dataclasses.replace(scenes.pixels, rgb_max=rgb_scale) if rgb_scale else scenes.pixels
+    encoders = {"clip_rgb": C.clip_encoder(clip, pixels, device)}
     encoders.update({f"{name}_ms": C.student_encoder(models[name], scenes.pixels, device)
                      for name in ("student", "student_init") if name in models})
     features, labels, index = C.embed(dataset, encoders, device, args.batch_size, args.workers)
@@ -904,7 +952,7 @@ def evaluate(scenes, case, dataset, probe, work, models, ckpt, args, device):
 
     prompts = {"classnames": list(scenes.classnames), "templates": list(scenes.templates)}
     setting = setting_of(ckpt, args.name, scenes, case, len(labels), prompts, dataset.skipped,
-                         run_args.out)
+                         run_args.out, rgb_scale)
     embeddings = None
     if args.save_embeddings:
         logits = {n: C.zeroshot_logits(features[n], head, logit_scale) for n in evaluated}

@@ -42,6 +42,9 @@ class UserError(Exception):
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12",
             "B8A")
 RGB_BANDS = ("B04", "B03", "B02")  # red, green, blue
+# Band order of the SSL4EO-S12 L1C pretraining data (B8A right after B08).
+SSL4EO_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10",
+                "B11", "B12")
 
 
 @torch.no_grad()
@@ -281,21 +284,81 @@ def patched_folder(path, flag="--teacher"):
     return folder
 
 
-def load_teacher(path, device, flag="--teacher"):
-    """A patched CLIP of stage 1 (open_clip's "local-dir:" folder), its patched.json, tokenizer."""
+def load_teacher(path, device, flag="--teacher", base=(), meta=None):
+    """A patched CLIP, its patched.json, tokenizer: stage 1's run folder ("local-dir:"), or a
+    released file over its base CLIP (base: model, pretrained)."""
+    if released(path):
+        meta = meta or released_meta(path, *base)
+        clip, tokenizer, _ = load_clip(meta["model"], meta["pretrained"], device)
+        n = load_released(clip, path, flag, ("transformer.",))
+        print(f"{flag} {path}: ignored optimizer, scaler, {n} keys")
+        return clip.eval(), meta, tokenizer
     folder = patched_folder(path, flag)
     try:
         meta = read_json(os.path.join(folder, "patched.json"))
-        assert meta["kind"] == "rsclip-align/patched-clip"
+        assert meta["kind"] == "rsclip-align/patched-clip" and not any(base)
     except Exception:
         raise UserError(f"{flag} {path}: {folder}/patched.json is not the metadata of a patched "
-                        f"CLIP; pass {PATCHED_HINT}")
+                        f"CLIP (or --model given); pass {PATCHED_HINT}")
     weights = os.path.join(folder, OPEN_CLIP_WEIGHTS)
     if not os.path.isfile(weights) or sha256_of(weights) != meta["weights_sha256"]:
         raise UserError(f"{weights} is missing or differs from the weights recorded in "
                         f"{folder}/patched.json; re-run 01_patch_clip.py")
     model, tokenizer, _ = load_clip("local-dir:" + folder, None, device)
     return model.eval(), meta, tokenizer
+
+
+def trained_scenes(meta, path):
+    """Training scenes of a checkpoint (released: presumed)."""
+    if meta["kind"] == "rsclip-align/patched-clip":
+        return read_scenes(os.path.join(patched_folder(path), meta["train_scenes"]),
+                           meta["train_scenes_sha256"])
+    return set(meta.get("train_scenes") or
+               [patch for patch, split in official_splits().items() if split == "train"])
+
+
+RELEASED_NAME = re.compile(r"_(paint_(\d)(\d+)|ft_\d+|al_\d+|zs)\.pt$")
+STUDENT_KEY = "visual.trunk.patch_embed.proj.weight"
+released = lambda path: os.path.isfile(path) and not os.path.isfile(os.path.join(
+    os.path.dirname(path) or ".", "patched.json"))
+
+
+def released_meta(path, model=None, pretrained=None):
+    """What stands for patched.json (docs/released.md)."""
+    import open_clip
+    name, models = os.path.basename(path), open_clip.list_models()
+    match = RELEASED_NAME.search(name)
+    stem = name[:match.start()] if match else ""
+    named = max((m for m in models if stem.startswith(m + "_")), key=len, default="")
+    tag = stem[len(named) + 1:]
+    model, pretrained = model or named, pretrained or tag
+    if not (model and pretrained):
+        raise UserError(f"{path}: not {PATCHED_HINT} or a released file's name; pass --model, "
+                        f"--pretrained")
+    if tag == "openai" and os.path.isfile(pretrained) and f"{model}-quickgelu" in models:
+        model += "-quickgelu"
+        print(f"{path}: QuickGELU, as open_clip 2.x built 'openai'")
+    alpha = match and match.group(2) and float(f"{match.group(2)}.{match.group(3)}") or 0.0
+    return {"kind": "released", "model": model, "pretrained": pretrained,
+            "alpha": alpha, "dataset": "bigearthnet19", "scenes": "bigearthnet", "split_seed": 0,
+            "classes": bigearthnet_nomenclature()["labels19"], "weights_sha256": sha256_of(path)}
+
+
+def load_released(model, path, what, keep=(), fix="pass its base's --model/--pretrained"):
+    """A released file into `model`, strictly but for keys starting with `keep`; returns how many
+    it ignored."""
+    state, own = load_torch(path, what, "pass their file"), model.state_dict()
+    state = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or (STUDENT_KEY in state) != (STUDENT_KEY in own):
+        raise UserError(f"{what} {path} is not the authors' "
+                        f"{'student' if STUDENT_KEY in own else 'CLIP'}; pass one")
+    need = [k for k in own if not k.startswith(keep)]
+    bad = next((k for k in need if k not in state or state[k].shape != own[k].shape), None)
+    if bad:
+        found = f"has {tuple(state[bad].shape)} for" if bad in state else "lacks"
+        raise UserError(f"{path} {found} {bad} {tuple(own[bad].shape)}; {fix}")
+    model.load_state_dict({**own, **{k: state[k] for k in need}})
+    return len(state) - len(need)
 
 
 @torch.no_grad()
@@ -321,7 +384,8 @@ def clip_encoder(clip, pixels, device):
 
 def student_encoder(student, pixels, device):
     """A student's encoder of raw Sentinel-2 (or Sentinel-1) batches."""
-    return lambda raw: student(ms_input(raw, student.input_size, device, pixels=pixels))
+    return lambda raw: student(ms_input(raw, student.input_size, device, pixels,
+                                        getattr(student, "authors", False)))  # released
 
 
 # ============================================================================ inputs
@@ -370,7 +434,7 @@ def resize_and_crop(x, size, interpolation, clip_to=None, resize_mode="shortest"
     return TF.center_crop(x, list(target))  # crops, or pads with 0 where the image is smaller
 
 
-def clip_pixels(raw, preprocess_cfg, device, pixels=None):
+def clip_pixels(raw, preprocess_cfg, device, pixels=None, resize=True):
     """A raw batch as CLIP's pixels in [0, 1]: 8-bit RGB as is, or Sentinel-2 bands through
     rgb_composite; then open_clip's resize and centre crop."""
     if pixels is None:
@@ -379,28 +443,36 @@ def clip_pixels(raw, preprocess_cfg, device, pixels=None):
     else:
         x = rgb_composite(s2_bands(raw, pixels, device), pixels.rgb_max)
     cfg = preprocess_cfg
-    return resize_and_crop(x / 255.0, cfg["size"], cfg["interpolation"], clip_to=(0, 1),
+    return resize_and_crop(x / 255.0, cfg["size"] if resize else x.shape[-2:],
+                           cfg["interpolation"], clip_to=(0, 1),
                            resize_mode=cfg.get("resize_mode", "shortest"))
 
 
 def clip_input(raw, preprocess_cfg, device, pixels=None, augment=None):
     """CLIP's input from a raw batch: clip_pixels (each image of an ImageList alone, as open_clip's
-    transform), an optional `augment` of the [0, 1] batch, then the model's normalisation.
-    preprocess_cfg: model.visual.preprocess_cfg, as open_clip's validation transform uses it."""
+    transform), an optional `augment` of the [0, 1] batch (.crops: as read), then the model's
+    normalisation. preprocess_cfg: model.visual.preprocess_cfg, as open_clip's validation transform
+    uses it."""
+    resize = not getattr(augment, "crops", False)
     if isinstance(raw, ImageList):
-        x = torch.cat([clip_pixels(image[None], preprocess_cfg, device) for image in raw])
+        x = [clip_pixels(image[None], preprocess_cfg, device, resize=resize)[0] for image in raw]
+        x = torch.stack(x) if resize else x
     else:
-        x = clip_pixels(raw, preprocess_cfg, device, pixels)
+        x = clip_pixels(raw, preprocess_cfg, device, pixels, resize)
     if augment is not None:
         x = augment(x)
     return TF.normalize(x, list(preprocess_cfg["mean"]), list(preprocess_cfg["std"]))
 
 
-def ms_input(raw, size, device, pixels=None):
+def ms_input(raw, size, device, pixels=None, authors=False):
     """The student's input from a raw batch, on the device: the 13 Sentinel-2 bands (s2_bands) as
     reflectance, DN / 10000 clipped to [0, 1], or a Sentinel-1 student's dB z-scored, (dB - mean)
-    / std; then a bicubic resize to its input size."""
+    / std; then a bicubic resize to its input size (`authors`: before, docs/released.md)."""
     pixels = pixels or Pixels((S2_BANDS,), None)
+    if authors:
+        order = pixels.bands[0] if len(pixels.bands[0]) == 13 else SSL4EO_BANDS
+        x = s2_bands(raw, pixels, device)[:, [S2_BANDS.index(b) for b in order]]
+        return torch.clamp(resize_and_crop(x, size, "bicubic") * REFLECTANCE_SCALE, 0, 1)
     if pixels.sar:
         k = next(k for k, bands in enumerate(pixels.bands) if bands == tuple(pixels.sar))
         x = parts(raw)[k].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -1490,6 +1562,8 @@ def load_torch(path, what, fix):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"{what} {path} holds code: refused unread; {fix}")
         raise UserError(f"{what} {path} cannot be read ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}); it may be truncated; {fix}")
 

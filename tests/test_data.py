@@ -278,29 +278,46 @@ def test_augmentation_flips_whole_images_and_is_drawn_from_seed_and_step(clip_pr
     assert augmentation("none", 0, 7) is None
 
 
-def test_official_augmentation_is_torchvisions_per_image_and_leaves_the_global_generator_alone():
-    """--augment official: the flips of 'flip', then for each image its own draw of torchvision's
-    ColorJitter(0.4, 0.4, 0.4) p 0.8, RandomGrayscale p 0.2, GaussianBlur((3, 7), (0.1, 2)) p 0.4
-    (the official transforms.py), recomputed here with torchvision from the same seed."""
+def test_official_augmentation_is_open_clips_crop_then_torchvisions_per_image_and_leaves_the_global_generator_alone():
+    """--augment official: of each image as read, open_clip's train-time RandomResizedCrop (its own
+    transform object: scale, ratio, size, bicubic, applied by torchvision to the 8-bit PIL image, as
+    the official transforms.py keeps it), the flips of 'flip', then for each image its own draw of
+    torchvision's ColorJitter(0.4, 0.4, 0.4) p 0.8, RandomGrayscale p 0.2, GaussianBlur((3, 7),
+    (0.1, 2)) p 0.4, recomputed here from the same seed. Within 0.02: PIL rounds the crop to 8 bits."""
+    import open_clip
+    import torchvision.transforms.functional as TVF
+    from PIL import Image
     from torchvision.transforms import v2
     augmentation = load_stage("01_patch_clip.py").augmentation
-    x = torch.rand(12, 3, 24, 24)
+    crop = open_clip.image_transform(16, is_train=True).transforms[0]
+    assert type(crop).__name__ == "RandomResizedCrop" and crop.scale == (0.9, 1.0)
+    x = torch.randint(0, 256, (12, 3, 24, 30)).float() / 255  # 8-bit images as read, not square
     before = torch.get_rng_state()
-    got = augmentation("official", 3, 5)(x)
-    assert torch.equal(torch.get_rng_state(), before)
+    got = augmentation("official", 3, 5, 16)(x)
+    assert torch.equal(torch.get_rng_state(), before) and got.shape == (12, 3, 16, 16)
     torch.manual_seed(3 * 1000003 + 5)
+    pil = [Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()) for image in x]
+    boxes = [crop.get_params(image, crop.scale, crop.ratio) for image in pil]
+    cropped = [TVF.to_tensor(TVF.resized_crop(image, *box, list(crop.size), crop.interpolation))
+               for image, box in zip(pil, boxes)]
     flip_h, flip_v = torch.rand(2, 12) < 0.5
     colour = v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4)], p=0.8), v2.RandomGrayscale(p=0.2),
                          v2.RandomApply([v2.GaussianBlur((3, 7), sigma=(0.1, 2.0))], p=0.4)])
     expected = []
-    for image, h, v in zip(x, flip_h, flip_v):
+    for image, h, v in zip(cropped, flip_h, flip_v):
         image = image.flip(-1) if h else image
         expected.append(colour(image.flip(-2) if v else image))
-    torch.testing.assert_close(got, torch.stack(expected))
-    flips_only = augmentation("flip", 3, 5)(x)
-    changed = [not torch.equal(a, b) for a, b in zip(got, flips_only)]
+    assert (got - torch.stack(expected)).abs().max() < 0.02
+    plain = C.resize_and_crop(x, 16, "bicubic", (0, 1), "squash")  # no crop: the whole image squashed
+    flips_only = augmentation("flip", 3, 5)(plain)
+    changed = [(a - b).abs().max() > 0.1 for a, b in zip(got, flips_only)]
     assert 3 <= sum(changed) <= 12  # p 0.8 / 0.2 / 0.4: most images, each its own way
-    assert torch.equal(got, augmentation("official", 3, 5)(x)) and not torch.equal(got, augmentation("official", 3, 6)(x))
+    again = augmentation("official", 3, 5, 16)
+    assert again.crops and torch.equal(got, again(x)) and not torch.equal(got, augmentation("official", 3, 6, 16)(x))
+    # through clip_input: the images as read reach it, 24 x 30 composites of 8-bit RGB
+    raw = (x.permute(0, 2, 3, 1) * 255).round().byte()
+    cfg = {"size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
+    assert torch.equal(C.clip_input(raw, cfg, "cpu", augment=again), (got - 0.5) / 0.5)
 
 
 @pytest.mark.parametrize("size", [32, 224])

@@ -81,7 +81,7 @@ def test_ssl4eo_checkpoint_loads_every_backbone_tensor_in_band_order(tmp_path, c
             assert torch.equal(loaded[k], v), k
     for i, band in enumerate(C.S2_BANDS):  # EuroSAT's channel i takes SSL4EO's channel of the same band
         assert torch.equal(loaded["patch_embed.proj.weight"][:, i],
-                           source["patch_embed.proj.weight"][:, align.SSL4EO_BANDS.index(band)])
+                           source["patch_embed.proj.weight"][:, C.SSL4EO_BANDS.index(band)])
     assert loaded["pos_embed"].shape == (1, 1 + 4, 192)  # resampled from 1 + 196 tokens
     assert torch.equal(loaded["pos_embed"][:, 0], source["pos_embed"][:, 0])  # the class token's is kept
 
