@@ -62,9 +62,9 @@ def zeroshot_logits(features, head, log_logit_scale):
     """Class logits of image embeddings: exp(tau) * normalise(f) @ W, tau = log_logit_scale on
     the log scale, as open_clip stores it (model.logit_scale: log 100 = 4.6 for OpenAI's CLIP);
     an exponentiated scale (100) is refused."""
-    if float(log_logit_scale) > 10:  # exp(10) = 22026: no CLIP's temperature
-        raise ValueError(f"logit scale {float(log_logit_scale):g} looks exponentiated; pass it on "
-                         f"the log scale, as open_clip stores it (model.logit_scale)")
+    if (tau := float(log_logit_scale.detach())) > 10:  # exp(10) = 22026: no CLIP's temperature
+        raise ValueError(f"logit scale {tau:g} looks exponentiated; pass it on the log scale, as "
+                         f"open_clip stores it (model.logit_scale)")
     return log_logit_scale.exp() * F.normalize(features.float(), dim=-1) @ head
 
 
